@@ -1,0 +1,35 @@
+"""anomalib-kd: knowledge-distillation anomaly detectors (DHKD, URD, PDD, D24FAD) for anomalib 2.x.
+
+Classes are imported lazily (``anomalib_kd.URD`` imports the model on first access), so importing
+the package, which torch does through its ``torch.backends`` entry point, stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._registration import autoload, register_into_anomalib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "URD": "anomalib_kd.models",
+    "Textures": "anomalib_kd.data",
+}
+
+if TYPE_CHECKING:
+    from .data import Textures
+    from .models import URD
+
+__all__ = ["URD", "Textures", "autoload", "register_into_anomalib"]
+
+
+def __getattr__(name: str) -> Any:  # noqa: ANN401  (PEP 562 lazy attribute)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    msg = f"module 'anomalib_kd' has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
+autoload()

@@ -1,0 +1,114 @@
+"""Register anomalib-kd's models and datamodules into anomalib, without editing anomalib.
+
+anomalib 2.7 resolves bare names through ``anomalib.models`` (``get_model``, used by ``anomalib
+benchmark``) and ``anomalib.data`` (``get_datamodule``), and has no plugin registry. So this package
+makes its classes attributes of those two modules as soon as they are imported:
+
+* torch imports every ``torch.backends`` entry point at ``import torch`` (its out-of-tree backend
+  autoloading). Our entry point, :func:`autoload`, only installs a light import hook; anomalib imports
+  torch before anything else, so the hook is in place before ``anomalib.models`` loads.
+* When ``anomalib.models`` / ``anomalib.data`` finish importing, the hook loads the classes declared
+  in this package's entry-point groups ``anomalib_kd.models`` / ``anomalib_kd.datamodules`` and sets
+  them on those modules.
+* ``import anomalib_kd`` calls :func:`autoload` too, so ``TORCH_DEVICE_BACKEND_AUTOLOAD=0`` only means
+  importing the package first (or using the ``anomalib-kd`` command, which does).
+
+Registration never raises into anomalib's import: a failure is logged as a warning.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from importlib.abc import MetaPathFinder
+from importlib.machinery import ModuleSpec
+from importlib.metadata import entry_points
+from types import ModuleType
+
+logger = logging.getLogger(__name__)
+
+# anomalib module -> our entry-point group whose classes become its attributes
+TARGETS = {"anomalib.models": "anomalib_kd.models", "anomalib.data": "anomalib_kd.datamodules"}
+_registered: set[str] = set()
+
+
+def _declared(group: str) -> dict[str, str]:
+    """name -> 'module:attr' for the entry points of ``group``, with a fallback for source checkouts."""
+    declared = {ep.name: ep.value for ep in entry_points(group=group)}
+    return declared or _FALLBACK[group]
+
+
+# Used when the package runs from a source tree that was never pip-installed (no entry points).
+_FALLBACK = {
+    "anomalib_kd.models": {"URD": "anomalib_kd.models.urd:URD"},
+    "anomalib_kd.datamodules": {"Textures": "anomalib_kd.data.textures:Textures"},
+}
+
+
+def _load(value: str) -> object:
+    module_name, _, attr = value.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def register_into(target: str) -> list[str]:
+    """Set our classes on the (fully imported) anomalib module ``target``; returns their names."""
+    if target in _registered:
+        return []
+    _registered.add(target)
+    module = sys.modules[target]
+    names = []
+    for name, value in _declared(TARGETS[target]).items():
+        try:
+            setattr(module, name, _load(value))
+            names.append(name)
+        except Exception as error:  # noqa: BLE001  (never break anomalib's own import)
+            logger.warning("anomalib-kd: could not register %s (%s) into %s: %s", name, value, target, error)
+    return names
+
+
+def register_into_anomalib() -> None:
+    """Import anomalib's model and data modules and register into both (explicit form)."""
+    for target in TARGETS:
+        importlib.import_module(target)
+        register_into(target)
+
+
+class _RegisterAfterImport(MetaPathFinder):
+    """Finder that lets the normal finders locate ``anomalib.models``/``anomalib.data`` and runs
+    :func:`register_into` right after the module's code has executed."""
+
+    def find_spec(
+        self, fullname: str, path: object = None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        if fullname not in TARGETS or fullname in _registered:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                original = spec.loader.exec_module
+
+                def exec_module(module: ModuleType, _original=original, _name=fullname) -> None:
+                    _original(module)
+                    register_into(_name)
+
+                spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+                return spec
+        return None
+
+
+_HOOK = _RegisterAfterImport()
+
+
+def autoload() -> None:
+    """Entry point (``torch.backends``): register now if anomalib is loaded, else hook its import."""
+    try:
+        for target in TARGETS:
+            if target in sys.modules and hasattr(sys.modules[target], "__all__"):
+                register_into(target)
+        if _HOOK not in sys.meta_path:
+            sys.meta_path.insert(0, _HOOK)
+    except Exception as error:  # noqa: BLE001  (torch turns an entry-point error into a failed import)
+        logger.warning("anomalib-kd: automatic registration into anomalib failed: %s", error)

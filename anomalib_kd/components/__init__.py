@@ -1,0 +1,1 @@
+"""Shared parts: offline backbones, anomaly synthesis, selective scan / SS2D / VMamba."""

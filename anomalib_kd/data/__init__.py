@@ -1,0 +1,5 @@
+"""anomalib-kd datamodules."""
+
+from .textures import Textures
+
+__all__ = ["Textures"]

@@ -1,0 +1,5 @@
+"""anomalib-kd models."""
+
+from .urd import URD
+
+__all__ = ["URD"]

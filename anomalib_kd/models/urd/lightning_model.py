@@ -1,0 +1,197 @@
+"""URD: Reverse Distillation with Expert, as an anomalib model.
+
+Paper: Liu et al., "Unlocking the Potential of Reverse Distillation for Anomaly Detection", AAAI 2025.
+
+Each training step follows the official loop (spec part 2.5): synthesise anomalies x~ from x; update
+the teacher with L_T against the frozen expert (teacher BN in train mode); recompute the teacher
+features in eval mode without gradient; update the student with L_S. Two Adam optimizers, manual
+optimisation.
+
+Example:
+    >>> from anomalib.engine import Engine
+    >>> from anomalib_kd import URD
+    >>> from anomalib_kd.data import Textures
+    >>> engine = Engine(max_steps=50)
+    >>> engine.train(URD(pre_trained=False), datamodule=Textures())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torchvision.transforms.v2 import Compose, Resize
+
+from anomalib_kd.components.synthesis import AnomalySynthesizer
+
+from .loss import StudentDenoisingLoss, TeacherSensitivityLoss
+from .torch_model import URDModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["URD"]
+
+
+class URD(AnomalibModule):
+    """Reverse Distillation with Expert (URD / RD-E).
+
+    Args:
+        backbone: timm name of expert and teacher. Default: torchvision's ImageNet WRN50-2 (the paper's).
+        layers: teacher layers tapped.
+        pre_trained: load ImageNet weights for expert and teacher from a local file at the start of
+            training (never downloads; see ``weights_path``).
+        weights_path: the local weights file; else ``$ANOMALIB_KD_WEIGHTS`` or timm's cache is searched.
+        injection: teacher-feature skips into the student (URD); ``False`` gives plain RD4AD.
+        similarity_attention: GII similarity attention (the paper's; default). ``False`` reproduces the
+            official training scripts, which run the skips without it.
+        texture_dir: folder of anomaly-source textures (DTD's ``images/``). ``None``: Perlin-noise
+            textures, no download.
+        teacher_lr: Adam learning rate of the teacher (official 1e-4).
+        student_lr: Adam learning rate of the student (official 5e-3).
+        iterations: training iterations (paper: 5000 at batch 16). Each iteration steps both optimizers,
+            so the model sets Lightning's ``max_steps`` to ``2 * iterations``; ``--trainer.max_epochs``
+            still caps training. ``None`` leaves the length to the trainer.
+        pre_processor, post_processor, evaluator, visualizer: anomalib components (``True``: defaults).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2.tv_in1k",
+        layers: tuple[str, ...] | list[str] = ("layer1", "layer2", "layer3"),
+        pre_trained: bool = True,
+        weights_path: str | None = None,
+        injection: bool = True,
+        similarity_attention: bool = True,
+        texture_dir: str | None = None,
+        teacher_lr: float = 1e-4,
+        student_lr: float = 5e-3,
+        iterations: int | None = 5000,
+        pre_processor: PreProcessor | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.pre_trained = pre_trained
+        self.weights_path = weights_path
+        self.teacher_lr = teacher_lr
+        self.student_lr = student_lr
+        self.iterations = iterations
+        self.model = URDModel(
+            backbone=backbone,
+            layers=tuple(layers),
+            injection=injection,
+            similarity_attention=similarity_attention,
+        )
+        self.synthesizer = AnomalySynthesizer(texture_dir=texture_dir, probability=1.0, blend_factor=(0.2, 1.0))
+        self.teacher_loss = TeacherSensitivityLoss()
+        self.student_loss = StudentDenoisingLoss()
+        self.automatic_optimization = False
+
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize only: the model normalises internally, so anomalies are synthesised on [0, 1] images."""
+        return PreProcessor(transform=Compose([Resize(image_size or (256, 256), antialias=True)]))
+
+    def on_train_start(self) -> None:
+        """Load the local pretrained weights once (after any checkpoint restore, so resuming needs no file)."""
+        if self.pre_trained and not bool(self.model.pretrained_loaded):
+            path = self.model.load_pretrained(self.weights_path)
+            logger.info("URD expert and teacher initialised from %s", path)
+        elif not self.pre_trained:
+            logger.warning("URD trains with randomly initialised expert/teacher (pre_trained=False).")
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """Teacher Adam(1e-4) and student Adam(5e-3), betas (0.5, 0.999) (spec part 2.5)."""
+        teacher = torch.optim.Adam(self.model.teacher.parameters(), lr=self.teacher_lr, betas=(0.5, 0.999))
+        student = torch.optim.Adam(self.model.student.parameters(), lr=self.student_lr, betas=(0.5, 0.999))
+        return [teacher, student]
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """One teacher update then one student update (spec part 2.5)."""
+        del args, kwargs
+        teacher_optimizer, student_optimizer = self.optimizers()
+        images = batch.image
+        augmented, masks = self.synthesizer(images)
+
+        with torch.no_grad():
+            expert_normal = self.model.expert_features(images)
+            expert_anomalous = self.model.expert_features(augmented)
+
+        self.model.teacher.train()
+        teacher_loss = self.teacher_loss(
+            self.model.teacher_features(images),
+            self.model.teacher_features(augmented),
+            expert_normal,
+            expert_anomalous,
+            masks,
+        )
+        self._check_finite(teacher_loss, "teacher")
+        teacher_optimizer.zero_grad()
+        self.manual_backward(teacher_loss)
+        teacher_optimizer.step()
+
+        self.model.teacher.eval()
+        with torch.no_grad():
+            teacher_normal = self.model.teacher_features(images)
+            teacher_anomalous = self.model.teacher_features(augmented)
+        student_loss = self.student_loss(
+            self.model.student(teacher_normal),
+            self.model.student(teacher_anomalous),
+            teacher_normal,
+            expert_normal,
+        )
+        self._check_finite(student_loss, "student")
+        student_optimizer.zero_grad()
+        self.manual_backward(student_loss)
+        student_optimizer.step()
+
+        loss = teacher_loss.detach() + student_loss.detach()
+        self.log("teacher_loss", teacher_loss.detach(), on_step=False, on_epoch=True, logger=True)
+        self.log("student_loss", student_loss.detach(), on_step=False, on_epoch=True, logger=True)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, logger=True)
+        return {"loss": loss}
+
+    def _check_finite(self, loss: torch.Tensor, name: str) -> None:
+        """Stop with a clear error on a NaN/inf loss (the last saved checkpoint stays intact)."""
+        if not torch.isfinite(loss):
+            msg = (
+                f"URD {name} loss became {loss.item()} at step {self.global_step}. Training stopped before "
+                "the update; saved checkpoints are untouched. Try lower learning rates "
+                "(--model.teacher_lr / --model.student_lr) or check the input images."
+            )
+            raise FloatingPointError(msg)
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Predict maps and scores; the post-processor fits thresholds/normalisation on them."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No sanity validation, no gradient clipping (manual optimisation), the paper's iterations."""
+        arguments: dict[str, Any] = {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
+        if self.iterations is not None:
+            # Lightning counts every optimizer.step(): two per iteration (teacher, student).
+            arguments["max_steps"] = 2 * self.iterations
+        return arguments
+
+    @property
+    def learning_type(self) -> LearningType:
+        """One-class: trained on normal images only."""
+        return LearningType.ONE_CLASS
