@@ -52,19 +52,45 @@ def _load(value: str) -> object:
 
 
 def register_into(target: str) -> list[str]:
-    """Set our classes on the (fully imported) anomalib module ``target``; returns their names."""
+    """Set our classes on the (fully imported) anomalib module ``target``; returns their names.
+
+    A class whose module is itself still being imported (e.g. the user's first import was
+    ``anomalib_kd.data.textures``, which imports ``anomalib.data``) cannot be loaded yet: it is
+    resolved on first attribute access through a module ``__getattr__`` (PEP 562) instead.
+    """
     if target in _registered:
         return []
     _registered.add(target)
     module = sys.modules[target]
-    names = []
+    names, pending = [], {}
     for name, value in _declared(TARGETS[target]).items():
         try:
             setattr(module, name, _load(value))
             names.append(name)
+        except (ImportError, AttributeError):  # our module is mid-import: the class isn't defined yet
+            pending[name] = value
         except Exception as error:  # noqa: BLE001  (never break anomalib's own import)
             logger.warning("anomalib-kd: could not register %s (%s) into %s: %s", name, value, target, error)
+    if pending:
+        _resolve_on_access(module, pending)
     return names
+
+
+def _resolve_on_access(module: ModuleType, pending: dict[str, str]) -> None:
+    """Give ``module`` a ``__getattr__`` that loads the ``pending`` classes when first asked for."""
+    previous = module.__dict__.get("__getattr__")
+
+    def __getattr__(name: str) -> object:  # noqa: N807
+        if name in pending:
+            value = _load(pending.pop(name))
+            setattr(module, name, value)
+            return value
+        if previous is not None:
+            return previous(name)
+        msg = f"module {module.__name__!r} has no attribute {name!r}"
+        raise AttributeError(msg)
+
+    module.__getattr__ = __getattr__  # type: ignore[attr-defined]
 
 
 def register_into_anomalib() -> None:
