@@ -1,7 +1,7 @@
 """anomalib-kd: knowledge-distillation anomaly detectors (DHKD, URD, PDD, D24FAD) for anomalib 2.x.
 
 Classes are imported lazily (``anomalib_kd.URD`` imports the model on first access), so importing
-the package, which torch does through its ``torch.backends`` entry point, stays cheap.
+the package, which the start-up hook does in every interpreter of the environment, stays cheap.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["URD", "Textures", "autoload", "register_into_anomalib"]
 
 
-def __getattr__(name: str) -> Any:  # noqa: ANN401  (PEP 562 lazy attribute)
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     msg = f"module 'anomalib_kd' has no attribute {name!r}"

@@ -4,14 +4,14 @@ anomalib 2.7 resolves bare names through ``anomalib.models`` (``get_model``, use
 benchmark``) and ``anomalib.data`` (``get_datamodule``), and has no plugin registry. So this package
 makes its classes attributes of those two modules as soon as they are imported:
 
-* torch imports every ``torch.backends`` entry point at ``import torch`` (its out-of-tree backend
-  autoloading). Our entry point, :func:`autoload`, only installs a light import hook; anomalib imports
-  torch before anything else, so the hook is in place before ``anomalib.models`` loads.
+* The wheel installs ``anomalib_kd_autoload.pth`` into site-packages; Python runs it at start-up and
+  it calls :func:`autoload`, which only installs a light import hook (no torch, no anomalib).
 * When ``anomalib.models`` / ``anomalib.data`` finish importing, the hook loads the classes declared
   in this package's entry-point groups ``anomalib_kd.models`` / ``anomalib_kd.datamodules`` and sets
   them on those modules.
-* ``import anomalib_kd`` calls :func:`autoload` too, so ``TORCH_DEVICE_BACKEND_AUTOLOAD=0`` only means
-  importing the package first (or using the ``anomalib-kd`` command, which does).
+* ``import anomalib_kd`` calls :func:`autoload` too; the ``anomalib-kd`` command registers explicitly.
+* ``ANOMALIB_KD_NO_AUTOLOAD=1`` turns the automatic part off (then use ``anomalib-kd`` or import
+  ``anomalib_kd`` and call :func:`register_into_anomalib`).
 
 Registration never raises into anomalib's import: a failure is logged as a warning.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from importlib.abc import MetaPathFinder
 from importlib.machinery import ModuleSpec
@@ -29,6 +30,7 @@ from types import ModuleType
 logger = logging.getLogger(__name__)
 
 # anomalib module -> our entry-point group whose classes become its attributes
+DISABLE_ENV = "ANOMALIB_KD_NO_AUTOLOAD"
 TARGETS = {"anomalib.models": "anomalib_kd.models", "anomalib.data": "anomalib_kd.datamodules"}
 _registered: set[str] = set()
 
@@ -69,7 +71,7 @@ def register_into(target: str) -> list[str]:
             names.append(name)
         except (ImportError, AttributeError):  # our module is mid-import: the class isn't defined yet
             pending[name] = value
-        except Exception as error:  # noqa: BLE001  (never break anomalib's own import)
+        except Exception as error:
             logger.warning("anomalib-kd: could not register %s (%s) into %s: %s", name, value, target, error)
     if pending:
         _resolve_on_access(module, pending)
@@ -129,12 +131,14 @@ _HOOK = _RegisterAfterImport()
 
 
 def autoload() -> None:
-    """Entry point (``torch.backends``): register now if anomalib is loaded, else hook its import."""
+    """Register now if anomalib is loaded, else hook its import (start-up .pth and package import)."""
+    if os.environ.get(DISABLE_ENV, "").lower() in {"1", "true", "yes"}:
+        return
     try:
         for target in TARGETS:
             if target in sys.modules and hasattr(sys.modules[target], "__all__"):
                 register_into(target)
         if _HOOK not in sys.meta_path:
             sys.meta_path.insert(0, _HOOK)
-    except Exception as error:  # noqa: BLE001  (torch turns an entry-point error into a failed import)
+    except Exception as error:
         logger.warning("anomalib-kd: automatic registration into anomalib failed: %s", error)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 def main() -> None:
     """Register into anomalib, then run anomalib's own CLI with the same arguments."""
-    from anomalib.cli.cli import main as anomalib_main  # noqa: PLC0415
+    from anomalib.cli.cli import main as anomalib_main
 
-    from anomalib_kd import register_into_anomalib  # noqa: PLC0415
+    from anomalib_kd import register_into_anomalib
 
     register_into_anomalib()
     anomalib_main()

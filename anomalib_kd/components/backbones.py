@@ -65,7 +65,7 @@ def _timm_cache_files(backbone: str) -> list[Path]:
     hub_id = cfg.get("hf_hub_id")
     if hub_id:
         try:
-            from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415  (optional, timm's dep)
+            from huggingface_hub import try_to_load_from_cache
 
             for filename in ("model.safetensors", "pytorch_model.bin"):
                 path = try_to_load_from_cache(hub_id, filename)
@@ -127,7 +127,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a torch file (``weights_only``), unwrapping nesting."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file  # noqa: PLC0415  (safetensors ships with timm)
+        from safetensors.torch import load_file
 
         return load_file(str(path))
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -169,7 +169,9 @@ def create_feature_extractor(
 
     Load weights afterwards with :func:`load_pretrained_backbone`.
     """
-    return TimmFeatureExtractor(backbone=backbone, layers=list(layers), pre_trained=False, requires_grad=requires_grad)
+    return TimmFeatureExtractor(
+        backbone=backbone, layers=list(layers), pre_trained=False, requires_grad=requires_grad
+    )
 
 
 def load_pretrained_backbone(

@@ -41,7 +41,9 @@ class AnomalySynthesizer(nn.Module):
         if texture_dir is not None:
             folder = Path(texture_dir).expanduser()
             if not folder.is_dir():
-                msg = f"texture_dir {folder} is not a directory (give DTD's images/ folder or leave it unset)."
+                msg = (
+                    f"texture_dir {folder} is not a directory (give DTD's images/ folder or leave it unset)."
+                )
                 raise FileNotFoundError(msg)
         self.generator = PerlinAnomalyGenerator(
             anomaly_source_path=texture_dir,

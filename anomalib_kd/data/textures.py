@@ -456,7 +456,9 @@ class Textures(AnomalibDataModule):
         root: Dataset root; each category is written to ``<root>/<category>``.
             Defaults to ``"./datasets/textures"``.
         category: ``"brick"``, ``"grass"`` or ``"gravel"``. Defaults to ``"brick"``.
-        image_size: Side of the generated square images in pixels. Defaults to ``256``.
+        image_size: Side of the generated square images in pixels (an ``(h, w)`` pair with h == w is
+            accepted too: anomalib's ``get_datamodule`` turns ``image_size`` into a tuple).
+            Defaults to ``256``.
         num_train: Number of normal training images. Defaults to ``60``.
         num_test_good: Number of normal test images. Defaults to ``16``.
         num_test_defect: Number of test images per defect type. Defaults to ``8``.
@@ -486,7 +488,7 @@ class Textures(AnomalibDataModule):
         self,
         root: str | Path | None = "./datasets/textures",
         category: str = "brick",
-        image_size: int = 256,
+        image_size: int | tuple[int, int] = 256,
         num_train: int = 60,
         num_test_good: int = 16,
         num_test_defect: int = 8,
@@ -521,6 +523,12 @@ class Textures(AnomalibDataModule):
         )
         _check_category(category)
         defects = _check_defects(DEFECT_TYPES if defect_types is None else defect_types)
+        if not isinstance(image_size, int):
+            sides = {int(side) for side in image_size}
+            if len(sides) != 1:
+                msg = f"Textures generates square images; got image_size={tuple(image_size)}"
+                raise ValueError(msg)
+            image_size = sides.pop()
         if image_size < 16:
             msg = f"image_size must be >= 16, got {image_size}"
             raise ValueError(msg)

@@ -57,9 +57,10 @@ class URD(AnomalibModule):
             textures, no download.
         teacher_lr: Adam learning rate of the teacher (official 1e-4).
         student_lr: Adam learning rate of the student (official 5e-3).
-        iterations: training iterations (paper: 5000 at batch 16). Each iteration steps both optimizers,
-            so the model sets Lightning's ``max_steps`` to ``2 * iterations``; ``--trainer.max_epochs``
-            still caps training. ``None`` leaves the length to the trainer.
+        iterations: training iterations (paper: 5000 at batch 16). As the official code, training stops
+            at the end of the epoch in which this count is reached, so validation always runs and the
+            post-processor's thresholds are fitted. ``--trainer.max_epochs`` / ``max_steps`` still cap it
+            (Lightning counts two optimizer steps per iteration). ``None``: the trainer decides.
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True``: defaults).
     """
 
@@ -97,7 +98,9 @@ class URD(AnomalibModule):
             injection=injection,
             similarity_attention=similarity_attention,
         )
-        self.synthesizer = AnomalySynthesizer(texture_dir=texture_dir, probability=1.0, blend_factor=(0.2, 1.0))
+        self.synthesizer = AnomalySynthesizer(
+            texture_dir=texture_dir, probability=1.0, blend_factor=(0.2, 1.0)
+        )
         self.teacher_loss = TeacherSensitivityLoss()
         self.student_loss = StudentDenoisingLoss()
         self.automatic_optimization = False
@@ -108,7 +111,7 @@ class URD(AnomalibModule):
         return PreProcessor(transform=Compose([Resize(image_size or (256, 256), antialias=True)]))
 
     def on_train_start(self) -> None:
-        """Load the local pretrained weights once (after any checkpoint restore, so resuming needs no file)."""
+        """Load local pretrained weights once (after any checkpoint restore: resuming needs no file)."""
         if self.pre_trained and not bool(self.model.pretrained_loaded):
             path = self.model.load_pretrained(self.weights_path)
             logger.info("URD expert and teacher initialised from %s", path)
@@ -166,6 +169,16 @@ class URD(AnomalibModule):
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, logger=True)
         return {"loss": loss}
 
+    @property
+    def completed_iterations(self) -> int:
+        """Teacher+student iterations done (Lightning's ``global_step`` counts both optimizer steps)."""
+        return self.global_step // 2
+
+    def on_train_epoch_end(self) -> None:
+        """Stop after the epoch in which ``iterations`` is reached (validation of this epoch has run)."""
+        if self.iterations is not None and self.completed_iterations >= self.iterations:
+            self.trainer.should_stop = True
+
     def _check_finite(self, loss: torch.Tensor, name: str) -> None:
         """Stop with a clear error on a NaN/inf loss (the last saved checkpoint stays intact)."""
         if not torch.isfinite(loss):
@@ -184,12 +197,8 @@ class URD(AnomalibModule):
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """No sanity validation, no gradient clipping (manual optimisation), the paper's iterations."""
-        arguments: dict[str, Any] = {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
-        if self.iterations is not None:
-            # Lightning counts every optimizer.step(): two per iteration (teacher, student).
-            arguments["max_steps"] = 2 * self.iterations
-        return arguments
+        """No sanity validation, no gradient clipping (manual optimisation)."""
+        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
 
     @property
     def learning_type(self) -> LearningType:

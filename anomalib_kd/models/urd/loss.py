@@ -26,7 +26,9 @@ def mask_pyramid(mask: torch.Tensor, sizes: Sequence[Sequence[int]]) -> list[tor
     pyramid = []
     current = mask
     for size in sizes:
-        current = (F.interpolate(current, size=tuple(size), mode="bilinear", align_corners=True) >= 0.5).float()
+        current = (
+            F.interpolate(current, size=tuple(size), mode="bilinear", align_corners=True) >= 0.5
+        ).float()
         pyramid.append(current)
     return pyramid
 
@@ -72,7 +74,9 @@ class StudentDenoisingLoss(nn.Module):
         expert_normal: Features,
     ) -> torch.Tensor:
         loss = torch.zeros((), device=student_normal[0].device)
-        for s_n, s_a, t_n, e_n in zip(student_normal, student_anomalous, teacher_normal, expert_normal, strict=True):
+        for s_n, s_a, t_n, e_n in zip(
+            student_normal, student_anomalous, teacher_normal, expert_normal, strict=True
+        ):
             for student in (s_n, s_a):
                 loss = loss + global_cosine_distance(student, t_n) + global_cosine_distance(student, e_n)
         return loss

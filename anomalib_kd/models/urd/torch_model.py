@@ -51,10 +51,14 @@ class GuidedInformationInjection(nn.Module):
         super().__init__()
         self.down = conv_bn_relu(finer_channels, channels, kernel_size=1)
         self.fuse_encoder = conv_bn_relu(channels, channels, kernel_size=3)
-        self.similarity_attention = conv_bn_relu(channels, channels, kernel_size=3) if similarity_attention else None
+        self.similarity_attention = (
+            conv_bn_relu(channels, channels, kernel_size=3) if similarity_attention else None
+        )
         self.fuse_skip = conv_bn_relu(2 * channels, channels, kernel_size=3)
 
-    def forward(self, decoded: torch.Tensor, feature: torch.Tensor, finer_feature: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, decoded: torch.Tensor, feature: torch.Tensor, finer_feature: torch.Tensor
+    ) -> torch.Tensor:
         """Fuse teacher information into the decoder output ``decoded`` (all at ``feature``'s size)."""
         finer = F.interpolate(finer_feature, size=feature.shape[-2:], mode="bilinear", align_corners=False)
         encoder_info = self.fuse_encoder(feature + self.down(finer))

@@ -1,0 +1,322 @@
+"""URD: shapes at the paper's 256x256, GII switches, training, export parity, checkpoints, weights errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning
+import numpy as np
+import pytest
+import torch
+from anomalib.engine import Engine
+
+from anomalib_kd import URD
+from anomalib_kd.components.backbones import MissingWeightsError
+from anomalib_kd.data import Textures
+from anomalib_kd.models.urd.loss import mask_pyramid
+from anomalib_kd.models.urd.torch_model import URDModel
+
+from ..conftest import TINY_TEXTURES
+
+FAST_BACKBONE = "resnet18"  # same code path as WRN50-2, ~10x cheaper: used where shapes are not the point
+
+
+@pytest.fixture(scope="module")
+def wrn50_model() -> URDModel:
+    torch.manual_seed(0)
+    return URDModel(backbone="wide_resnet50_2.tv_in1k")
+
+
+def test_shapes_at_256_match_the_spec(wrn50_model: URDModel) -> None:
+    """Spec part 2.2: teacher [256x64, 512x32, 1024x16], bottleneck 2048x8x8, student like the teacher."""
+    images = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        teacher = wrn50_model.teacher_features(images)
+        bottleneck = wrn50_model.student.bottleneck(teacher)
+        student = wrn50_model.student(teacher)
+    expected = [(1, 256, 64, 64), (1, 512, 32, 32), (1, 1024, 16, 16)]
+    assert [tuple(f.shape) for f in teacher] == expected
+    assert tuple(bottleneck.shape) == (1, 2048, 8, 8)
+    assert [tuple(f.shape) for f in student] == expected
+    # Official student: 140.0 M parameters (bottleneck + decoder + skip/GII modules).
+    n_student = sum(p.numel() for p in wrn50_model.student.parameters())
+    assert abs(n_student / 1e6 - 140.0) < 0.1
+
+
+def test_eval_forward_returns_map_and_score(wrn50_model: URDModel) -> None:
+    wrn50_model.eval()
+    with torch.no_grad():
+        out = wrn50_model(torch.rand(2, 3, 256, 256))
+    assert out.anomaly_map.shape == (2, 1, 256, 256)
+    assert torch.allclose(out.pred_score.flatten(), out.anomaly_map.amax(dim=(-2, -1)).flatten())
+
+
+def test_expert_and_teacher_start_identical_and_only_teacher_trains() -> None:
+    model = URDModel(backbone=FAST_BACKBONE)
+    expert, teacher = model.expert.state_dict(), model.teacher.state_dict()
+    assert expert.keys() == teacher.keys()
+    assert all(torch.equal(expert[k], teacher[k]) for k in expert)
+    assert not any(p.requires_grad for p in model.expert.parameters())
+    assert all(p.requires_grad for p in model.teacher.parameters())
+
+
+@pytest.mark.parametrize(("injection", "similarity_attention"), [(True, True), (True, False), (False, False)])
+def test_gii_switches(injection: bool, similarity_attention: bool) -> None:
+    """GII on: similarity-attention convs get gradient; off (official scripts): they do not exist."""
+    torch.manual_seed(0)
+    model = URDModel(backbone=FAST_BACKBONE, injection=injection, similarity_attention=similarity_attention)
+    teacher = model.teacher_features(torch.rand(2, 3, 64, 64))
+    student = model.student([f.detach() for f in teacher])
+    sum(s.mean() for s in student).backward()
+    injections = model.student.injections
+    if not injection:
+        assert injections is None
+        return
+    for gii in injections:
+        assert (gii.similarity_attention is not None) == similarity_attention
+        assert gii.fuse_skip[0].weight.grad is not None
+        if similarity_attention:
+            assert gii.similarity_attention[0].weight.grad.abs().sum() > 0
+
+
+def test_gii_changes_the_output() -> None:
+    torch.manual_seed(0)
+    with_gii = URDModel(backbone=FAST_BACKBONE, similarity_attention=True).eval()
+    torch.manual_seed(0)
+    without = URDModel(backbone=FAST_BACKBONE, injection=False).eval()
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.allclose(with_gii(images).anomaly_map, without(images).anomaly_map)
+
+
+def test_mask_pyramid_is_cascaded_and_binary() -> None:
+    mask = torch.zeros(1, 1, 256, 256)
+    mask[..., 100:140, 60:90] = 1
+    levels = mask_pyramid(mask, [(64, 64), (32, 32), (16, 16)])
+    assert [tuple(m.shape[-2:]) for m in levels] == [(64, 64), (32, 32), (16, 16)]
+    for level in levels:
+        assert set(level.unique().tolist()) <= {0.0, 1.0}
+        assert level.sum() > 0
+
+
+def _tiny_datamodule(root: Path) -> Textures:
+    return Textures(root=root, **TINY_TEXTURES)
+
+
+def test_loss_decreases_on_tiny_data(tiny_textures_root: Path) -> None:
+    lightning.seed_everything(0)
+    datamodule = _tiny_datamodule(tiny_textures_root)
+    datamodule.setup()
+    model = URD(backbone=FAST_BACKBONE, pre_trained=False, iterations=8)
+    losses: list[float] = []
+    step = model.training_step
+
+    def recording_step(*args: object, **kwargs: object) -> dict:
+        out = step(*args, **kwargs)
+        losses.append(float(out["loss"]))
+        return out
+
+    model.training_step = recording_step  # type: ignore[method-assign]
+    trainer = lightning.Trainer(
+        max_steps=2 * 8,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(model, train_dataloaders=datamodule.train_dataloader())
+    assert len(losses) == 8  # two optimizer steps per iteration: max_steps = 2 * iterations
+    assert np.mean(losses[-2:]) < 0.9 * np.mean(losses[:2])
+
+
+def test_nan_loss_stops_with_a_clear_error(tiny_textures_root: Path) -> None:
+    datamodule = _tiny_datamodule(tiny_textures_root)
+    datamodule.setup()
+    model = URD(backbone=FAST_BACKBONE, pre_trained=False, iterations=1)
+    with torch.no_grad():
+        next(model.model.teacher.parameters()).fill_(float("nan"))
+    trainer = lightning.Trainer(
+        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    with pytest.raises(FloatingPointError, match="teacher loss became nan"):
+        trainer.fit(model, train_dataloaders=datamodule.train_dataloader())
+
+
+def test_missing_weights_error_names_file_and_three_ways() -> None:
+    model = URDModel(backbone=FAST_BACKBONE)
+    with pytest.raises(MissingWeightsError) as error:
+        model.load_pretrained()
+    message = str(error.value)
+    assert "resnet18" in message
+    assert "ANOMALIB_KD_WEIGHTS" in message
+    assert "weights_path" in message
+    assert "timm" in message
+    with pytest.raises(MissingWeightsError, match="not found"):
+        model.load_pretrained("/nonexistent/resnet18.pth")
+
+
+def test_weights_load_from_env_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torchvision-layout file (with classifier keys) in $ANOMALIB_KD_WEIGHTS loads into both networks."""
+    import timm
+
+    torch.manual_seed(1)
+    source = timm.create_model("resnet18", pretrained=False)
+    torch.save(source.state_dict(), tmp_path / "resnet18.pth")
+    monkeypatch.setenv("ANOMALIB_KD_WEIGHTS", str(tmp_path))
+    model = URDModel(backbone=FAST_BACKBONE)
+    assert model.load_pretrained() == tmp_path / "resnet18.pth"
+    assert torch.equal(model.expert.feature_extractor.conv1.weight, source.conv1.weight)
+    assert torch.equal(model.teacher.feature_extractor.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
+    assert bool(model.pretrained_loaded)
+
+
+@pytest.fixture(scope="module")
+def trained_run(
+    tmp_path_factory: pytest.TempPathFactory, tiny_textures_root: Path
+) -> tuple[Path, Engine, URD]:
+    """One short Engine fit (train + validation: the post-processor gets its thresholds)."""
+    lightning.seed_everything(0)
+    root = tmp_path_factory.mktemp("urd_run")
+    model = URD(backbone=FAST_BACKBONE, pre_trained=False, iterations=1)
+    engine = Engine(default_root_dir=root, enable_progress_bar=False)
+    engine.fit(model, datamodule=_tiny_datamodule(tiny_textures_root))
+    return root, engine, model
+
+
+def test_checkpoint_round_trip(trained_run: tuple[Path, Engine, URD]) -> None:
+    _, engine, model = trained_run
+    ckpt = engine.trainer.checkpoint_callback.best_model_path
+    assert Path(ckpt).is_file()
+    restored = URD.load_from_checkpoint(ckpt)  # anomalib 2.7: weights_only=True
+    assert restored.hparams.backbone == FAST_BACKBONE
+    state, restored_state = model.state_dict(), restored.state_dict()
+    assert state.keys() == restored_state.keys()
+    differing = [k for k in state if not torch.equal(state[k].cpu(), restored_state[k])]
+    assert not differing, differing[:10]
+    # Training ends after a validated epoch, so the thresholds baked into exports are fitted.
+    assert torch.isfinite(restored.post_processor.image_threshold)
+    assert torch.isfinite(restored.post_processor.pixel_max)
+    images = torch.rand(1, 3, 256, 256)
+    model.eval()
+    restored.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(images).pred_score, restored(images).pred_score)
+
+
+def test_openvino_export_matches_eager(trained_run: tuple[Path, Engine, URD], tmp_path: Path) -> None:
+    import openvino as ov
+
+    _, _, model = trained_run
+    model.eval()
+    xml = model.to_openvino(export_root=tmp_path, input_size=(256, 256))
+    onnx_files = list(tmp_path.rglob("*.onnx"))
+    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    images = torch.rand(2, 3, 256, 256)
+    with torch.no_grad():
+        eager = model(images)
+    result = compiled(images.numpy())
+    outputs = {port.get_any_name(): value for port, value in result.items()}
+    assert np.abs(outputs["pred_score"].reshape(-1) - eager.pred_score.numpy().reshape(-1)).max() < 1e-3
+    assert np.abs(outputs["anomaly_map"] - eager.anomaly_map.numpy()).max() < 1e-3
+    assert not onnx_files or onnx_files[0].stat().st_size > 0
+
+
+# --- The stock anomalib command (subprocess), as a user runs it -------------------------------------
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=900, check=False)
+    assert result.returncode == 0, (
+        f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    )
+    return result
+
+
+def _anomalib(command: str = "anomalib") -> str:
+    return str(Path(sys.executable).parent / command)
+
+
+@pytest.mark.slow
+def test_stock_cli_train_export_and_openvino_inferencer(tiny_textures_root: Path, tmp_path: Path) -> None:
+    from anomalib.data.utils import read_image
+    from anomalib.deploy import OpenVINOInferencer
+
+    data_args = [
+        "--data", "anomalib_kd.data.Textures", f"--data.root={tiny_textures_root}",
+        *[f"--data.{k}={v}" for k, v in TINY_TEXTURES.items() if k != "defect_types"],
+        "--data.defect_types=[scratch, blob]",
+    ]  # fmt: skip
+    _run(
+        [_anomalib(), "train", "--model", "anomalib_kd.URD", f"--model.backbone={FAST_BACKBONE}",
+         "--model.pre_trained=false", "--model.iterations=1", *data_args, f"--default_root_dir={tmp_path}"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    ckpt = next(tmp_path.rglob("weights/lightning/model.ckpt"))
+    assert list((ckpt.parents[2] / "images").rglob("*.png")), "anomalib's visualizer wrote no images"
+    _run(
+        [_anomalib(), "export", "--model", "anomalib_kd.URD", "--export_type", "openvino",
+         f"--ckpt_path={ckpt}", "--input_size=[64,64]", f"--default_root_dir={tmp_path / 'export'}"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    xml = next((tmp_path / "export").rglob("openvino/model.xml"))
+    image_path = next(tiny_textures_root.rglob("test/scratch/*.png"))
+    inferencer = OpenVINOInferencer(xml, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
+    predicted = inferencer.predict(image_path)
+    # Eager reference: the same AnomalibModule.forward (resize to 256 -> URD -> post-processing) in PyTorch.
+    model = URD.load_from_checkpoint(ckpt).eval()
+    image = torch.from_numpy(read_image(image_path)).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        eager = model(image)
+    assert np.isfinite(predicted.pred_score).all()
+    assert abs(float(predicted.pred_score.reshape(-1)[0]) - float(eager.pred_score.reshape(-1)[0])) < 1e-3
+    assert np.abs(predicted.anomaly_map.squeeze() - eager.anomaly_map.squeeze().numpy()).max() < 1e-3
+
+
+@pytest.mark.slow
+def test_stock_benchmark_runs_urd_and_writes_csv(tiny_textures_root: Path, tmp_path: Path) -> None:
+    config = tmp_path / "benchmark.yaml"
+    init = "\n".join(f"      {k}: {v}" for k, v in TINY_TEXTURES.items() if k != "defect_types")
+    config.write_text(
+        f"""accelerator: cpu
+benchmark:
+  seed: 42
+  model:
+    class_path: URD
+    init_args:
+      backbone: {FAST_BACKBONE}
+      pre_trained: false
+      iterations: 1
+  data:
+    class_path: Textures
+    init_args:
+      root: {tiny_textures_root}
+      defect_types: [scratch, blob]
+{init}
+"""
+    )
+    _run([_anomalib(), "benchmark", "--config", str(config)], cwd=tmp_path)
+    csvs = list((tmp_path / "runs").rglob("results.csv"))
+    assert csvs, "anomalib benchmark wrote no results.csv"
+    text = csvs[0].read_text()
+    assert "URD" in text
+    assert "image_AUROC" in text
+
+
+@pytest.mark.slow
+def test_registration_is_what_makes_bare_names_resolve(tmp_path: Path) -> None:
+    """With the automatic registration off, anomalib can't find URD; the anomalib-kd command can."""
+    probe = "from anomalib.models import get_model; print(type(get_model('urd', pre_trained=False)).__name__)"
+    env = {**os.environ, "ANOMALIB_KD_NO_AUTOLOAD": "1"}
+    off = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path, check=False
+    )
+    assert off.returncode != 0
+    on = _run([sys.executable, "-c", probe], cwd=tmp_path)
+    assert on.stdout.strip().endswith("URD")
+    wrapped = _run(
+        [_anomalib("anomalib-kd"), "train", "--model=URD", "--print_config"], cwd=tmp_path, env=env
+    )
+    assert "class_path: anomalib_kd.URD" in wrapped.stdout
