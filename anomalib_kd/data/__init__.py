@@ -1,5 +1,6 @@
 """anomalib-kd datamodules."""
 
+from .fewshot import FewShotTasks
 from .textures import Textures
 
-__all__ = ["Textures"]
+__all__ = ["FewShotTasks", "Textures"]

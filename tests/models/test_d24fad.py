@@ -1,0 +1,320 @@
+"""D24FAD: shapes, learn-to-weight, training, supports, Engine train/test, export parity, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anomalib_kd.data.fewshot import FewShotTasks
+from anomalib_kd.models.d24fad import D24FAD, D24FADLoss, D24FADModel, LearnToWeight
+
+SMALL = "resnet18"  # small teacher/decoder pair for fast tests (the default is WRN50-2)
+
+
+def make_tasks(root: Path, names: tuple[str, ...] = ("alpha", "beta", "gamma"), n_train: int = 6) -> Path:
+    """Tiny MVTec-layout tasks (32..64 px): n_train normals, 3 good + 3 bad test images with masks."""
+    rng = np.random.default_rng(0)
+    for index, name in enumerate(names):
+        size = (32, 48, 64)[index % 3]
+        base = root / name
+        for sub, count in (("train/good", n_train), ("test/good", 3), ("test/bad", 3)):
+            folder = base / sub
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                image = (rng.random((size, size, 3)) * 60 + 50 * index).astype(np.uint8)
+                if sub == "test/bad":
+                    image[4:14, 4:14] = 255
+                    mask = np.zeros((size, size), np.uint8)
+                    mask[4:14, 4:14] = 255
+                    (base / "ground_truth/bad").mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(mask).save(base / "ground_truth/bad" / f"{i:03d}_mask.png")
+                Image.fromarray(image).save(folder / f"{i:03d}.png")
+    return root
+
+
+def small_model(size: int = 32, **kwargs: object) -> D24FAD:
+    return D24FAD(
+        backbone=SMALL,
+        pre_trained=False,
+        pre_processor=D24FAD.configure_pre_processor((size, size)),
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tasks(tmp_path_factory.mktemp("fewshot"))
+
+
+@pytest.fixture(scope="module")
+def trained(root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Engine.train (fit + test) of a small D24FAD, leave-one-out with target 'alpha', K=2."""
+    from anomalib.engine import Engine
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("results")
+    datamodule = FewShotTasks(root=root, target="alpha", k_shot=2, train_batch_size=4, eval_batch_size=6)
+    model = small_model()
+    engine = Engine(
+        max_steps=3,
+        default_root_dir=out,
+        logger=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    engine.train(model, datamodule=datamodule)
+    results = engine.test(model, datamodule=datamodule)
+    return {"engine": engine, "model": model, "datamodule": datamodule, "results": results, "out": out}
+
+
+def target_images(root: Path, task: str = "alpha") -> torch.Tensor:
+    from anomalib.data.utils.image import read_image
+
+    return torch.stack([read_image(p, as_tensor=True) for p in sorted((root / task / "test").rglob("*.png"))])
+
+
+def test_shapes_at_128_with_wrn50() -> None:
+    model = D24FADModel()  # WRN50-2 teacher, RD4AD wide decoder, random init (no download)
+    query, support = torch.rand(1, 3, 128, 128), torch.rand(1, 2, 3, 128, 128)
+    outputs = model.training_features(query, support)
+    expected = [(1, 256, 32, 32), (1, 512, 16, 16), (1, 1024, 8, 8)]
+    assert [tuple(f.shape) for f in outputs["teacher"]] == expected
+    assert [tuple(f.shape) for f in outputs["student"]] == expected
+    assert [tuple(f.shape) for f in outputs["weighted"]] == expected
+    assert [tuple(w.shape) for w in outputs["weights"]] == [(1, 2)] * 3
+    assert model.teacher_features(query)[-1].shape == (1, 2048, 4, 4)  # layer4 feeds the decoder
+    model.eval()
+    model.set_supports(torch.rand(1, 3, 128, 128))
+    assert [tuple(f.shape) for f in model.support_features] == [(1, *s[1:]) for s in expected]
+    prediction = model(query)
+    assert prediction.anomaly_map.shape == (1, 1, 128, 128)
+    assert prediction.pred_score.numel() == 1
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"student", "learn_to_weight"}  # frozen teacher
+
+
+def test_learn_to_weight_sums_to_one_over_k() -> None:
+    torch.manual_seed(0)
+    l2w = LearnToWeight([8, 16])
+    query = [torch.randn(3, 8, 4, 4), torch.randn(3, 16, 2, 2)]
+    per_query = [torch.randn(3, 5, 8, 4, 4), torch.randn(3, 5, 16, 2, 2)]
+    weighted, weights = l2w(query, per_query)
+    for w in weights:
+        assert w.shape == (3, 5)
+        torch.testing.assert_close(w.sum(dim=1), torch.ones(3))
+        assert bool((w >= 0).all())
+    # weighted support is the convex combination sum_k w_k s_k
+    manual = torch.einsum("bk,bkchw->bchw", weights[0], per_query[0])
+    torch.testing.assert_close(weighted[0], manual)
+    # shared supports (inference) give the same as the same set repeated per query
+    shared = [s[0] for s in per_query]
+    repeated = [s.unsqueeze(0).expand(3, *s.shape) for s in shared]
+    torch.testing.assert_close(l2w(query, shared)[1][0], l2w(query, repeated)[1][0])
+    uniform = LearnToWeight([8, 16], learned=False)
+    torch.testing.assert_close(uniform(query, per_query)[1][1], torch.full((3, 5), 0.2))
+
+
+def test_loss_decreases_on_tiny_data(root: Path) -> None:
+    torch.manual_seed(0)
+    datamodule = FewShotTasks(root=root, target="gamma", k_shot=2, train_batch_size=4)
+    datamodule.setup()
+    batch = next(iter(datamodule.train_dataloader()))  # alpha (32 px) and beta (48 px) episodes
+    model = small_model(lr=1e-3)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        model.model.training_features(batch.image, batch.support)
+    batch.image = model._transform(batch.image)
+    batch.support = model._transform(batch.support.flatten(0, 1)).reshape(4, 2, 3, 32, 32)
+    optimizer = model.configure_optimizers()
+    model.model.train()
+    losses = []
+    for _ in range(4):
+        outputs = model.model.training_features(batch.image, batch.support)
+        loss, tsd, ssd = model.loss(outputs["teacher"], outputs["student"], outputs["weighted"])
+        torch.testing.assert_close(loss, 0.1 * tsd + ssd)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    # gradients reach the L2W projections through the weights
+    assert model.model.learn_to_weight.projections[0].weight.grad is not None
+
+
+def test_loss_modes() -> None:
+    a = [torch.rand(2, 4, 3, 3)]
+    assert D24FADLoss(mode="pixel")(a, a, a)[0].item() == pytest.approx(0.0, abs=1e-6)
+    b = [torch.rand(2, 4, 3, 3)]
+    total, tsd, ssd = D24FADLoss(lambda_tsd=0.5, mode="global")(a, b, b)
+    assert ssd.item() == pytest.approx(0.0, abs=1e-6)
+    assert total.item() == pytest.approx(0.5 * tsd.item())
+    with pytest.raises(ValueError, match="loss_mode"):
+        D24FADLoss(mode="patch")
+
+
+def test_engine_train_test_uses_target_supports(trained: dict, root: Path) -> None:
+    model, datamodule = trained["model"], trained["datamodule"]
+    metrics = trained["results"][0]
+    assert {"image_AUROC", "pixel_AUROC"} <= set(metrics)
+    # the supports in the model are the target's, pre-processed to the model's size
+    expected = model._transform(datamodule.support_images("alpha"))
+    torch.testing.assert_close(model.model.support_images, expected)
+    assert model.model.k_shot == 2
+    assert not model._user_supports
+
+
+def test_supports_change_predictions_and_can_be_set_from_files(trained: dict, root: Path) -> None:
+    model = trained["model"]
+    model.eval()
+    images = target_images(root)
+    with torch.no_grad():
+        before = model.model(images).anomaly_map.clone()
+    saved = model.model.support_images.clone()
+    try:
+        model.set_supports(root / "beta" / "train" / "good")  # folder of another task (48 px, resized)
+        assert model.model.support_images.shape == (6, 3, 32, 32)
+        with torch.no_grad():
+            after = model.model(images).anomaly_map
+        assert not torch.allclose(before, after)
+        model.set_supports([root / "alpha" / "train" / "good" / "000.png"])
+        assert model.model.k_shot == 1
+    finally:
+        model.model.set_supports(saved)
+        model._user_supports = False
+
+
+def test_export_openvino_parity_with_baked_supports(trained: dict, root: Path) -> None:
+    import openvino as ov
+    from anomalib.deploy import ExportType
+
+    model, engine = trained["model"], trained["engine"]
+    export_root = trained["out"] / "export"
+    xml = engine.export(model, ExportType.OPENVINO, export_root=export_root, input_size=(32, 32))
+    assert Path(xml).is_file()
+    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    assert len(compiled.inputs) == 1  # single input: supports are constants in the graph
+    images = target_images(root)
+    model.eval()
+    with torch.no_grad():
+        eager = model(images)  # AnomalibModule.forward: pre-processor -> model -> post-processor
+    result = compiled(images.numpy())
+    for name in ("pred_score", "anomaly_map"):
+        exported = result[compiled.output(name)]
+        reference = getattr(eager, name).numpy()
+        assert float(reference.std()) > 0  # not a saturated, trivially equal output
+        np.testing.assert_allclose(exported.reshape(reference.shape), reference, atol=1e-3)
+
+
+def test_checkpoint_round_trip(trained: dict, root: Path) -> None:
+    model, engine = trained["model"], trained["engine"]
+    path = engine.trainer.checkpoint_callback.best_model_path
+    assert path
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # primitives only
+    assert checkpoint["hyper_parameters"]["backbone"] == SMALL
+    restored = D24FAD.load_from_checkpoint(path)
+    restored.eval()
+    model.eval()
+    assert restored.model.k_shot == 2
+    images = target_images(root)
+    with torch.no_grad():  # the checkpoint's support features match its weights: no refresh needed
+        torch.testing.assert_close(restored(images).anomaly_map, model(images).anomaly_map)
+    assert restored.input_size == (32, 32)
+
+
+def test_score_modes_and_errors(root: Path) -> None:
+    model = small_model(score_mode="mean")
+    model.eval()
+    with pytest.raises(RuntimeError, match="no support images"):
+        model.model(torch.rand(1, 3, 32, 32))
+    model.set_supports(torch.rand(2, 3, 40, 40))
+    with torch.no_grad():
+        prediction = model.model(torch.rand(2, 3, 32, 32))
+    torch.testing.assert_close(prediction.pred_score.flatten(), prediction.anomaly_map.mean(dim=(1, 2, 3)))
+    with pytest.raises(ValueError, match="score_mode"):
+        small_model(score_mode="median")
+    with pytest.raises(ValueError, match=r"\(K, 3, H, W\)"):
+        model.model.set_supports(torch.rand(2, 1, 32, 32))
+    with pytest.raises(FileNotFoundError, match="Support folder"):
+        model.set_supports(root / "nowhere")
+    (root / "empty").mkdir(exist_ok=True)
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        model.set_supports(root / "empty")
+    # a one-class (non-episodic) batch is refused with a clear message
+    from anomalib.data import ImageBatch
+
+    with pytest.raises(TypeError, match="episodes"):
+        model.training_step(ImageBatch(image=torch.rand(2, 3, 32, 32)), 0)
+
+
+def test_cli_arguments_parse(root: Path) -> None:
+    from anomalib.data import AnomalibDataModule
+    from anomalib.models import AnomalibModule
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(AnomalibModule, "model")
+    parser.add_subclass_arguments(AnomalibDataModule, "data")
+    config = parser.parse_args([
+        "--model", "anomalib_kd.models.d24fad.D24FAD", "--model.backbone", SMALL,
+        "--model.pre_trained", "false",
+        "--model.score_mode", "mean", "--model.support_dir", str(root / "alpha" / "train" / "good"),
+        "--data", "anomalib_kd.data.fewshot.FewShotTasks", "--data.root", str(root), "--data.target", "beta",
+        "--data.k_shot", "2", "--data.tasks", '["alpha", "beta"]',
+    ])  # fmt: skip
+    objects = parser.instantiate_classes(config)
+    assert isinstance(objects.model, D24FAD)
+    assert objects.model.model.score_mode == "mean"
+    assert objects.data.k_shot == 2
+    assert objects.data.target == "beta"
+
+
+def run(command: list[str], env: dict, cwd: Path) -> None:
+    process = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_stock_cli_train_and_export(root: Path, tmp_path: Path) -> None:
+    """`anomalib train` then `anomalib export` (OpenVINO) through the stock CLI, then parity."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    anomalib = [sys.executable, "-c", "from anomalib.cli.cli import main; main()"]
+    train = [
+        *anomalib, "train", "--model", "anomalib_kd.models.d24fad.D24FAD", "--model.backbone", SMALL,
+        "--model.pre_trained", "false", "--data", "anomalib_kd.data.fewshot.FewShotTasks",
+        "--data.root", str(root), "--data.target", "alpha", "--data.k_shot", "2",
+        "--data.train_batch_size", "4", "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
+        "--default_root_dir", str(tmp_path),
+    ]  # fmt: skip
+    run(train, env, tmp_path)
+    checkpoints = list(tmp_path.rglob("model.ckpt"))
+    assert checkpoints
+    export = [
+        *anomalib, "export", "--model", "anomalib_kd.models.d24fad.D24FAD", "--export_type", "openvino",
+        "--ckpt_path", str(checkpoints[0]), "--input_size", "[128,128]",
+        "--export_root", str(tmp_path / "exp"),
+    ]  # fmt: skip
+    run(export, env, tmp_path)
+    xml = tmp_path / "exp" / "weights" / "openvino" / "model.xml"
+    assert xml.is_file()
+
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    model = D24FAD.load_from_checkpoint(str(checkpoints[0]))
+    model.eval()
+    images = torch.nn.functional.interpolate(target_images(root), size=(128, 128), mode="bilinear")
+    with torch.no_grad():
+        eager = model(images)
+    exported = compiled(images.numpy())[compiled.output("anomaly_map")]
+    np.testing.assert_allclose(
+        exported.reshape(eager.anomaly_map.shape), eager.anomaly_map.numpy(), atol=1e-3
+    )
+    assert json.dumps(model.hparams["support_dir"]) == "null"
