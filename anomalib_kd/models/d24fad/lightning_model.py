@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.data.utils.image import read_image
 from anomalib.metrics import Evaluator
@@ -44,6 +43,8 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torchvision.transforms.v2 import Compose, Resize
+
+from anomalib_kd.components.module import DistillationModuleMixin
 
 from .loss import D24FADLoss
 from .torch_model import D24FADModel
@@ -66,7 +67,7 @@ def _support_files(folder: Path) -> list[Path]:
     return files
 
 
-class D24FAD(AnomalibModule):
+class D24FAD(DistillationModuleMixin, AnomalibModule):
     """Dual distillation (TSD + SSD with learn-to-weight) for few-shot anomaly detection.
 
     Args:
@@ -164,7 +165,7 @@ class D24FAD(AnomalibModule):
             transformed = torch.cat(
                 [self._transform(read_image(f, as_tensor=True).unsqueeze(0)) for f in files]
             )
-        self.model.set_supports(transformed.to(self.model.mean.device))
+        self.model.set_supports(transformed.to(self.model.pretrained_loaded.device))
         self._user_supports = True
         logger.info(
             "D24FAD supports set: %d image(s) of size %s.", self.model.k_shot, tuple(transformed.shape[-2:])
@@ -179,7 +180,7 @@ class D24FAD(AnomalibModule):
             datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
             if datamodule is not None and hasattr(datamodule, "support_images"):
                 images = datamodule.support_images()
-                self.model.set_supports(self._transform(images).to(self.model.mean.device))
+                self.model.set_supports(self._transform(images).to(self.model.pretrained_loaded.device))
                 logger.info(
                     "D24FAD uses the %d supports of task '%s' from the datamodule.",
                     self.model.k_shot,
@@ -258,28 +259,10 @@ class D24FAD(AnomalibModule):
         support = support.reshape(batch_size, n_support, *support.shape[1:])
         outputs = self.model.training_features(batch.image, support)
         loss, tsd, ssd = self.loss(outputs["teacher"], outputs["student"], outputs["weighted"])
-        if not torch.isfinite(loss):
-            msg = f"D24FAD loss became {loss.item()} at step {self.global_step}; try a lower --model.lr."
-            raise FloatingPointError(msg)
+        self.check_finite_loss(loss, "loss", "Try a lower --model.lr or check the input images.")
         self.log("tsd_loss", tsd.detach(), on_step=False, on_epoch=True, batch_size=batch_size)
         self.log("ssd_loss", ssd.detach(), on_step=False, on_epoch=True, batch_size=batch_size)
         self.log(
             "train_loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size
         )
         return {"loss": loss}
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Predict maps and scores against the task's supports (post-processor fits thresholds)."""
-        del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No sanity validation, no gradient clipping."""
-        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """ONE_CLASS so that the Engine runs ``trainer.fit`` (episodes hold normal images only)."""
-        return LearningType.ONE_CLASS

@@ -25,10 +25,9 @@ from anomalib.models.components.backbone.resnet_decoder import get_decoder
 from torch import nn
 
 from anomalib_kd.components.backbones import create_feature_extractor, load_pretrained_backbone
+from anomalib_kd.components.normalization import ImageNetNormalize
 from anomalib_kd.models.urd.anomaly_map import AnomalyMapGenerator
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 TEACHER_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 SCORE_MODES = ("max", "mean")
 N_LEVELS = 3
@@ -134,8 +133,7 @@ class D24FADModel(nn.Module):
         channels = list(self.teacher.out_dims[:N_LEVELS])
         self.learn_to_weight = LearnToWeight(channels, learned=learn_to_weight)
         self.anomaly_map_generator = AnomalyMapGenerator(sigma=sigma)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.normalize = ImageNetNormalize() if imagenet_normalize else nn.Identity()
         self.register_buffer("pretrained_loaded", torch.tensor(False))
         # Supports (pre-processed images and their student features); empty until set. Their shapes
         # follow the K and image size of the checkpoint being loaded (see _load_from_state_dict).
@@ -170,7 +168,7 @@ class D24FADModel(nn.Module):
                 f"Support images must be a (K, 3, H, W) tensor with K >= 1, got shape {tuple(images.shape)}."
             )
             raise ValueError(msg)
-        self.support_images = images.detach().to(self.mean.device, self.mean.dtype).clone()
+        self.support_images = images.detach().to(self.pretrained_loaded.device, torch.float32).clone()
         self.refresh_support_features()
 
     @torch.no_grad()
@@ -193,13 +191,10 @@ class D24FADModel(nn.Module):
         for name in names:
             key = prefix + name
             if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
-                setattr(self, name, torch.empty_like(state_dict[key], device=self.mean.device))
+                setattr(self, name, torch.empty_like(state_dict[key], device=self.pretrained_loaded.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- features ---------------------------------------------------------------------------------
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return (images - self.mean) / self.std if self.imagenet_normalize else images
 
     def teacher_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Frozen teacher: [f1, f2, f3, e4] (always eval mode, no gradient)."""

@@ -18,10 +18,8 @@ Example:
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
@@ -31,6 +29,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torchvision.transforms.v2 import Compose, Resize
 
+from anomalib_kd.components.module import DistillationModuleMixin
 from anomalib_kd.components.synthesis import AnomalySynthesizer
 
 from .loss import StudentDenoisingLoss, TeacherSensitivityLoss
@@ -40,8 +39,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["URD"]
 
+_NAN_HINT = "Try lower learning rates (--model.teacher_lr / --model.student_lr) or check the input images."
 
-class URD(AnomalibModule):
+
+class URD(DistillationModuleMixin, AnomalibModule):
     """Reverse Distillation with Expert (URD / RD-E).
 
     Args:
@@ -143,7 +144,7 @@ class URD(AnomalibModule):
             expert_anomalous,
             masks,
         )
-        self._check_finite(teacher_loss, "teacher")
+        self.check_finite_loss(teacher_loss, "teacher loss", _NAN_HINT)
         teacher_optimizer.zero_grad()
         self.manual_backward(teacher_loss)
         teacher_optimizer.step()
@@ -158,15 +159,15 @@ class URD(AnomalibModule):
             teacher_normal,
             expert_normal,
         )
-        self._check_finite(student_loss, "student")
+        self.check_finite_loss(student_loss, "student loss", _NAN_HINT)
         student_optimizer.zero_grad()
         self.manual_backward(student_loss)
         student_optimizer.step()
 
         loss = teacher_loss.detach() + student_loss.detach()
-        self.log("teacher_loss", teacher_loss.detach(), on_step=False, on_epoch=True, logger=True)
-        self.log("student_loss", student_loss.detach(), on_step=False, on_epoch=True, logger=True)
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, logger=True)
+        self.log("teacher_loss", teacher_loss.detach(), on_epoch=True, batch_size=len(images))
+        self.log("student_loss", student_loss.detach(), on_epoch=True, batch_size=len(images))
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(images))
         return {"loss": loss}
 
     @property
@@ -178,29 +179,3 @@ class URD(AnomalibModule):
         """Stop after the epoch in which ``iterations`` is reached (validation of this epoch has run)."""
         if self.iterations is not None and self.completed_iterations >= self.iterations:
             self.trainer.should_stop = True
-
-    def _check_finite(self, loss: torch.Tensor, name: str) -> None:
-        """Stop with a clear error on a NaN/inf loss (the last saved checkpoint stays intact)."""
-        if not torch.isfinite(loss):
-            msg = (
-                f"URD {name} loss became {loss.item()} at step {self.global_step}. Training stopped before "
-                "the update; saved checkpoints are untouched. Try lower learning rates "
-                "(--model.teacher_lr / --model.student_lr) or check the input images."
-            )
-            raise FloatingPointError(msg)
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Predict maps and scores; the post-processor fits thresholds/normalisation on them."""
-        del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No sanity validation, no gradient clipping (manual optimisation)."""
-        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """One-class: trained on normal images only."""
-        return LearningType.ONE_CLASS

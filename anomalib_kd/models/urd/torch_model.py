@@ -18,11 +18,9 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_kd.components.backbones import create_feature_extractor, load_pretrained_backbone
+from anomalib_kd.components.normalization import ImageNetNormalize
 
 from .anomaly_map import AnomalyMapGenerator
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
@@ -149,8 +147,7 @@ class URDModel(nn.Module):
             backbone.partition(".")[0], self.expert.out_dims, injection, similarity_attention
         )
         self.anomaly_map_generator = AnomalyMapGenerator(sigma=sigma)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.normalize = ImageNetNormalize()
         # Saved in checkpoints: a restored model never needs the pretrained file again.
         self.register_buffer("pretrained_loaded", torch.tensor(False))
 
@@ -160,10 +157,6 @@ class URDModel(nn.Module):
         self.teacher.load_state_dict(self.expert.state_dict())
         self.pretrained_loaded.fill_(True)
         return path
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """ImageNet normalisation of [0, 1] images."""
-        return (images - self.mean) / self.std
 
     def expert_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Frozen expert E(x) (always eval mode, no grad)."""

@@ -1,0 +1,43 @@
+"""Steps shared by the one-class distillation models (a mixin, so each model stays a direct
+``AnomalibModule`` subclass: anomalib's ``get_model`` only looks at direct subclasses)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+
+
+class DistillationModuleMixin:
+    """``validation_step``, trainer arguments, learning type and the NaN-loss guard."""
+
+    model: torch.nn.Module
+    global_step: int
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Predict maps and scores; anomalib's post-processor fits thresholds/normalisation on them."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No sanity validation, no gradient clipping."""
+        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """ONE_CLASS: the Engine runs ``trainer.fit`` (training data are normal images only)."""
+        return LearningType.ONE_CLASS
+
+    def check_finite_loss(self, loss: torch.Tensor, name: str, hint: str) -> None:
+        """Stop with a clear error on a NaN/inf loss, before the update (saved checkpoints stay intact)."""
+        if not torch.isfinite(loss):
+            msg = (
+                f"{type(self).__name__} {name} became {loss.item()} at step {self.global_step}. Training "
+                f"stopped before the update; saved checkpoints are untouched. {hint}"
+            )
+            raise FloatingPointError(msg)
