@@ -1,0 +1,152 @@
+"""SS2D, VMamba's 2-D selective-scan module (v0 semantics), and its cross-scan / cross-merge helpers.
+
+Liu et al., "VMamba: Visual State Space Model" (2024), SS2D: the feature map is unfolded into ``K = 4``
+sequences (row-major, column-major and both reversed), each runs the selective scan of
+:func:`~anomalib_kd.components.ssm.selective_scan.selective_scan` with its own projections, and the four
+results are folded back and summed. Parameter names follow the official v0 checkpoint
+(``in_proj``, ``conv2d``, ``x_proj_weight``, ``dt_projs_weight``, ``dt_projs_bias``, ``A_logs``, ``Ds``,
+``out_norm``, ``out_proj``), so VMamba weights load after the key renames of
+:func:`~anomalib_kd.components.ssm.vmamba.convert_vmamba_v0_state_dict`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .selective_scan import selective_scan
+
+__all__ = ["SS2D", "cross_merge", "cross_scan"]
+
+
+def cross_scan(x: Tensor) -> Tensor:
+    """Unfold ``(B, C, H, W)`` into the 4 VMamba scan orders, ``(B, 4, C, H*W)``.
+
+    Order: row-major, column-major (H and W transposed), row-major reversed, column-major reversed.
+    """
+    batch, channels, height, width = x.shape
+    rows = x.reshape(batch, channels, height * width)
+    cols = x.transpose(2, 3).reshape(batch, channels, height * width)
+    fwd = torch.stack([rows, cols], dim=1)
+    return torch.cat([fwd, fwd.flip(-1)], dim=1)
+
+
+def cross_merge(ys: Tensor, height: int, width: int) -> Tensor:
+    """Fold the 4 scan outputs ``(B, 4, C, H*W)`` back to row-major order and sum them: ``(B, C, H*W)``.
+
+    The adjoint of :func:`cross_scan`: reversed directions are flipped back, column-major ones transposed.
+    """
+    batch, _, channels, seq_len = ys.shape
+    pair = ys[:, 0:2] + ys[:, 2:4].flip(-1)  # undo the reversal of directions 2 and 3
+    cols = (
+        pair[:, 1].reshape(batch, channels, width, height).transpose(2, 3).reshape(batch, channels, seq_len)
+    )
+    return pair[:, 0] + cols
+
+
+class SS2D(nn.Module):
+    """VMamba SS2D (``forward_type="v0"``), channels-last ``(B, H, W, d_model) -> (B, H, W, d_model)``.
+
+    Data flow: ``in_proj`` to ``(x, z)``; ``x`` -> depthwise conv -> SiLU -> :func:`cross_scan`; per
+    direction ``k``: ``x_proj`` to ``(dt, B, C)`` (ranks ``R, N, N``), ``delta = softplus(dt_proj(dt) +
+    bias)``, selective scan with ``A = -exp(A_logs)`` and skip ``Ds``; :func:`cross_merge`; ``out_norm``
+    LayerNorm; gate by ``SiLU(z)``; ``out_proj``; dropout.
+
+    Args:
+        d_model: input/output channels ``C``.
+        d_state: state size ``N`` (16 in VMamba-v0 and DHKD).
+        ssm_ratio: ``d_inner = ssm_ratio * d_model`` unless ``d_inner`` is given.
+        dt_rank: rank ``R`` of the step-size projection; ``"auto"`` is ``ceil(d_model / 16)``.
+        d_inner: inner width; overrides ``ssm_ratio``.
+        d_conv: depthwise conv kernel size (padding keeps H, W).
+        conv_bias: bias of the depthwise conv.
+        bias: bias of ``in_proj`` / ``out_proj`` (False in v0).
+        dropout: dropout after ``out_proj``.
+        dt_min, dt_max, dt_init_floor, dt_scale: Mamba's step-size initialisation.
+        chunk_size: passed to the pure-PyTorch scan (``None``: automatic).
+    """
+
+    k_group = 4
+
+    def __init__(
+        self,
+        d_model: int = 96,
+        d_state: int = 16,
+        ssm_ratio: float = 2.0,
+        dt_rank: int | str = "auto",
+        d_inner: int | None = None,
+        d_conv: int = 3,
+        conv_bias: bool = True,
+        bias: bool = False,
+        dropout: float = 0.0,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        dt_scale: float = 1.0,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_inner = d_inner if d_inner is not None else int(ssm_ratio * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.chunk_size = chunk_size
+        k, di, r, n = self.k_group, self.d_inner, self.dt_rank, d_state
+
+        self.in_proj = nn.Linear(d_model, 2 * di, bias=bias)
+        self.act = nn.SiLU()
+        self.conv2d = nn.Conv2d(di, di, d_conv, padding=(d_conv - 1) // 2, groups=di, bias=conv_bias)
+        # Per-direction projections kept stacked as raw parameters, as in the v0 checkpoint.
+        x_proj = torch.empty(k, r + 2 * n, di)
+        for i in range(k):  # nn.Linear's default init, one direction at a time
+            nn.init.kaiming_uniform_(x_proj[i], a=math.sqrt(5))
+        self.x_proj_weight = nn.Parameter(x_proj)
+        std = r**-0.5 * dt_scale  # Mamba: keeps the variance of dt_proj(dt) at init
+        self.dt_projs_weight = nn.Parameter(torch.empty(k, di, r).uniform_(-std, std))
+        # softplus(bias) ~ logUniform[dt_min, dt_max]; bias = dt + log(-expm1(-dt)) inverts softplus.
+        dt = torch.exp(torch.rand(k, di) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_projs_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        # S4D-real init A_n = -(n + 1), stored as log so that A = -exp(A_logs) stays negative.
+        self.A_logs = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(k * di, 1))
+        self.Ds = nn.Parameter(torch.ones(k * di))
+        self.A_logs._no_weight_decay = True  # type: ignore[attr-defined]  # read by some optimiser builders
+        self.Ds._no_weight_decay = True  # type: ignore[attr-defined]
+
+        self.out_norm = nn.LayerNorm(di)
+        self.out_proj = nn.Linear(di, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout) if dropout > 0.0 else nn.Identity()
+
+    def forward_core(self, x: Tensor) -> Tensor:
+        """Scan part: conv output ``(B, d_inner, H, W)`` -> merged ``(B, H, W, d_inner)`` before out_norm."""
+        batch, di, height, width = x.shape
+        seq_len = height * width
+        k, r, n = self.k_group, self.dt_rank, self.d_state
+        xs = cross_scan(x)  # (B, K, d_inner, L)
+        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+        dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
+        # v0 runs the scan in f32 (force_fp32): the recurrence is sensitive to low precision.
+        ys = selective_scan(
+            xs.reshape(batch, k * di, seq_len).float(),
+            dts.reshape(batch, k * di, seq_len).float(),
+            -torch.exp(self.A_logs.float()),
+            bs.float(),
+            cs.float(),
+            self.Ds.float(),
+            self.dt_projs_bias.reshape(-1).float(),
+            delta_softplus=True,
+            chunk_size=self.chunk_size,
+        )
+        y = cross_merge(ys.reshape(batch, k, di, seq_len), height, width)
+        return y.transpose(1, 2).reshape(batch, height, width, di).to(x.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, H, W, d_model)`` -> ``(B, H, W, d_model)``."""
+        x, z = self.in_proj(x).chunk(2, dim=-1)
+        z = self.act(z)
+        x = self.act(self.conv2d(x.permute(0, 3, 1, 2)))
+        y = self.out_norm(self.forward_core(x)) * z
+        return self.dropout(self.out_proj(y))

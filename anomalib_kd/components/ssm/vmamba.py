@@ -1,0 +1,269 @@
+"""VMamba-Tiny v0 backbone (the PDD global teacher) and a loader for the official v0 checkpoint.
+
+Architecture (MzeroMiko/VMamba ``vanilla_vmamba_tiny``, ``forward_type="v0"``, ``mlp_ratio=0``):
+patch embed (4x4 conv, LayerNorm) -> 4 stages of ``VSSBlock`` (x + DropPath(SS2D(LN(x)))), depths
+(2, 2, 9, 2), dims (96, 192, 384, 768), each stage but the last followed by Swin patch merging
+(2x2 neighbours concatenated, LayerNorm(4C), Linear(4C -> 2C)). Channels-last inside, like VMamba.
+
+Module names reproduce the official model after its own v0 key renames (``patch_embed.0/2``,
+``layers.i.blocks.j.norm/op``, ``layers.i.downsample.1/2``), see :func:`convert_vmamba_v0_state_dict`.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .ss2d import SS2D
+
+__all__ = [
+    "VMAMBA_TINY_CHECKPOINT",
+    "DropPath",
+    "PatchMerge",
+    "VMambaTiny",
+    "VSSBlock",
+    "convert_vmamba_v0_state_dict",
+    "load_vmamba_checkpoint",
+]
+
+VMAMBA_TINY_CHECKPOINT = "vssmtiny_dp01_ckpt_epoch_292.pth"
+_VMAMBA_TINY_URL = (
+    "https://github.com/MzeroMiko/VMamba/releases/download/%23v0cls/vssmtiny_dp01_ckpt_epoch_292.pth"
+)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016): drop the whole residual branch per sample while training."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Identity in eval; in training keep each sample with prob ``1 - p`` and rescale by ``1/(1-p)``."""
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class Permute(nn.Module):
+    """``x.permute(*dims)`` as a module (keeps the official Sequential indices)."""
+
+    def __init__(self, *dims: int) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.permute(*self.dims)
+
+
+class PatchMerge(nn.Module):
+    """Swin 2x2 patch merging without weights, channels-last ``(B, H, W, C) -> (B, H/2, W/2, 4C)``.
+
+    Neighbours are concatenated as (even row, even col), (odd row, even col), (even row, odd col),
+    (odd row, odd col): the order the pretrained ``Linear(4C, 2C)`` expects. Odd sizes are zero-padded.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        height, width = x.shape[1], x.shape[2]
+        if height % 2 or width % 2:
+            x = nn.functional.pad(x, (0, 0, 0, width % 2, 0, height % 2))
+        parts = [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]]
+        return torch.cat(parts, dim=-1)
+
+
+class VSSBlock(nn.Module):
+    """VMamba block without MLP: ``x + DropPath(SS2D(LayerNorm(x)))``, channels-last.
+
+    Also DHKD's STMBlock (``VSSBlock(64)``). Extra keyword arguments go to :class:`SS2D`.
+    """
+
+    def __init__(self, hidden_dim: int, drop_path: float = 0.0, **ss2d_kwargs: object) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.op = SS2D(d_model=hidden_dim, **ss2d_kwargs)  # type: ignore[arg-type]
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, H, W, C) -> (B, H, W, C)``."""
+        return x + self.drop_path(self.op(self.norm(x)))
+
+
+class VMambaTiny(nn.Module):
+    """VMamba-Tiny v0 feature extractor returning the 4 stage outputs that PDD taps.
+
+    ``forward(x)`` with ``x`` ``(B, 3, H, W)`` (ImageNet-normalised) returns a list of 4 NCHW tensors,
+    each taken after a whole stage (its blocks and then its patch merging; no output norm):
+    at 256x256 these are 192@32x32, 384@16x16, 768@8x8 and 768@8x8.
+
+    Args:
+        depths: blocks per stage.
+        dims: channels per stage.
+        d_state: SSM state size.
+        ssm_ratio: SS2D inner-width ratio.
+        drop_path_rate: stochastic depth, linearly increasing over all blocks (0.2 for vanilla_vmamba_tiny).
+        in_chans: image channels.
+        patch_size: patch-embedding stride.
+        chunk_size: chunk length of the pure-PyTorch scan (``None``: automatic).
+    """
+
+    def __init__(
+        self,
+        depths: Sequence[int] = (2, 2, 9, 2),
+        dims: Sequence[int] = (96, 192, 384, 768),
+        d_state: int = 16,
+        ssm_ratio: float = 2.0,
+        drop_path_rate: float = 0.2,
+        in_chans: int = 3,
+        patch_size: int = 4,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.dims = list(dims)
+        self.patch_embed = nn.Sequential(
+            nn.Conv2d(in_chans, dims[0], kernel_size=patch_size, stride=patch_size),
+            Permute(0, 2, 3, 1),
+            nn.LayerNorm(dims[0]),
+        )
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.layers = nn.ModuleList()
+        start = 0
+        for i, (depth, dim) in enumerate(zip(depths, dims, strict=True)):
+            blocks = nn.Sequential(
+                *(
+                    VSSBlock(
+                        dim,
+                        drop_path=rates[start + j],
+                        d_state=d_state,
+                        ssm_ratio=ssm_ratio,
+                        chunk_size=chunk_size,
+                    )
+                    for j in range(depth)
+                )
+            )
+            start += depth
+            downsample: nn.Module = (
+                nn.Sequential(
+                    PatchMerge(), nn.LayerNorm(4 * dim), nn.Linear(4 * dim, dims[i + 1], bias=False)
+                )
+                if i < len(depths) - 1
+                else nn.Identity()
+            )
+            self.layers.append(nn.Sequential(OrderedDict(blocks=blocks, downsample=downsample)))
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # VMamba's init: trunc-normal(0.02) Linear weights, zero biases, unit LayerNorm (SS2D's raw
+        # parameters keep their own Mamba init).
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """``(B, 3, H, W)`` -> ``[z0, z1, z2, z3]``, NCHW, each after stage ``i``'s blocks and merging."""
+        x = self.patch_embed(x)
+        features = []
+        for layer in self.layers:
+            x = layer(x)
+            features.append(x.permute(0, 3, 1, 2))
+        return features
+
+
+# Official v0 names -> this module's names (PDD's/VMamba's own rename list); prefix matches.
+_V0_RENAMES: tuple[tuple[str, str], ...] = (
+    (r"^patch_embed\.proj\.", "patch_embed.0."),
+    (r"^patch_embed\.norm\.", "patch_embed.2."),
+    (r"^(layers\.\d+\.blocks\.\d+\.)ln_1\.", r"\1norm."),
+    (r"^(layers\.\d+\.blocks\.\d+\.)self_attention\.", r"\1op."),
+    (r"^(layers\.\d+\.downsample\.)norm\.", r"\g<1>1."),
+    (r"^(layers\.\d+\.downsample\.)reduction\.", r"\g<1>2."),
+    (r"^norm\.", "classifier.norm."),
+    (r"^head\.", "classifier.head."),
+)
+
+
+def convert_vmamba_v0_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename an official VMamba v0 state dict to this module's keys (already-new keys pass unchanged).
+
+    ``patch_embed.proj/norm -> patch_embed.0/2``, ``ln_1 -> norm``, ``self_attention -> op``,
+    ``downsample.norm/reduction -> downsample.1/2``, ``norm/head -> classifier.norm/head``; a DDP
+    ``module.`` prefix is stripped.
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        new = key.removeprefix("module.")
+        for pattern, repl in _V0_RENAMES:
+            new = re.sub(pattern, repl, new)
+        out[new] = value
+    return out
+
+
+def load_vmamba_checkpoint(model: VMambaTiny, path: str | Path) -> VMambaTiny:
+    """Load the official ``vssmtiny_dp01_ckpt_epoch_292.pth`` (a local file; nothing is downloaded).
+
+    The state dict (under ``"model"``, or the file itself) is renamed with
+    :func:`convert_vmamba_v0_state_dict`, the ImageNet classifier (``classifier.norm/head``) is dropped
+    because :class:`VMambaTiny` has none, and the rest is loaded strictly.
+
+    Raises:
+        FileNotFoundError: the file does not exist (the message says where to get it).
+        RuntimeError: keys or shapes differ; lists the missing and unexpected keys.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        msg = (
+            f"VMamba-Tiny v0 checkpoint not found: {path}. Download {VMAMBA_TINY_CHECKPOINT} yourself "
+            f"(VMamba release '#v0cls': {_VMAMBA_TINY_URL}) and pass its local path; it is never downloaded "
+            "automatically."
+        )
+        raise FileNotFoundError(msg)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # The training checkpoint also pickles its yacs config; the file is the user's own choice.
+        warnings.warn(
+            f"{path}: not loadable with weights_only=True; loading it as a full pickle", stacklevel=2
+        )
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    state = ckpt["model"] if isinstance(ckpt, Mapping) and "model" in ckpt else ckpt
+    if not isinstance(state, Mapping):
+        msg = f"{path}: expected a state dict (or a dict with key 'model'), got {type(state).__name__}"
+        raise RuntimeError(msg)
+    state = convert_vmamba_v0_state_dict(state)
+    own = model.state_dict()
+    if not any(k.startswith("classifier.") for k in own):
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if state[k].shape != own[k].shape
+    )
+    if missing or unexpected or mismatched:
+        msg = (
+            f"{path} does not match {type(model).__name__} after the v0 key renames.\n"
+            f"missing keys ({len(missing)}): {missing}\n"
+            f"unexpected keys ({len(unexpected)}): {unexpected}\n"
+            f"shape mismatches ({len(mismatched)}): {mismatched}"
+        )
+        raise RuntimeError(msg)
+    model.load_state_dict(state, strict=True)
+    return model
