@@ -16,15 +16,16 @@ __version__ = "0.1.0"
 _LAZY = {
     "URD": "anomalib_kd.models",
     "D24FAD": "anomalib_kd.models",
+    "DHKD": "anomalib_kd.models",
     "Textures": "anomalib_kd.data",
     "FewShotTasks": "anomalib_kd.data",
 }
 
 if TYPE_CHECKING:
     from .data import FewShotTasks, Textures
-    from .models import D24FAD, URD
+    from .models import D24FAD, DHKD, URD
 
-__all__ = ["D24FAD", "URD", "FewShotTasks", "Textures", "autoload", "register_into_anomalib"]
+__all__ = ["D24FAD", "DHKD", "URD", "FewShotTasks", "Textures", "autoload", "register_into_anomalib"]
 
 
 def __getattr__(name: str) -> Any:

@@ -43,7 +43,11 @@ def _declared(group: str) -> dict[str, str]:
 
 # Used when the package runs from a source tree that was never pip-installed (no entry points).
 _FALLBACK = {
-    "anomalib_kd.models": {"URD": "anomalib_kd.models.urd:URD", "D24FAD": "anomalib_kd.models.d24fad:D24FAD"},
+    "anomalib_kd.models": {
+        "URD": "anomalib_kd.models.urd:URD",
+        "D24FAD": "anomalib_kd.models.d24fad:D24FAD",
+        "DHKD": "anomalib_kd.models.dhkd:DHKD",
+    },
     "anomalib_kd.datamodules": {
         "Textures": "anomalib_kd.data.textures:Textures",
         "FewShotTasks": "anomalib_kd.data.fewshot:FewShotTasks",

@@ -1,6 +1,7 @@
 """anomalib-kd models."""
 
 from .d24fad import D24FAD
+from .dhkd import DHKD
 from .urd import URD
 
-__all__ = ["D24FAD", "URD"]
+__all__ = ["D24FAD", "DHKD", "URD"]

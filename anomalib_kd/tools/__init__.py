@@ -1,0 +1,1 @@
+"""Command-line tools of anomalib-kd (e.g. ``python -m anomalib_kd.tools.distill_pdn``)."""
