@@ -17,15 +17,16 @@ _LAZY = {
     "URD": "anomalib_kd.models",
     "D24FAD": "anomalib_kd.models",
     "DHKD": "anomalib_kd.models",
+    "PDD": "anomalib_kd.models",
     "Textures": "anomalib_kd.data",
     "FewShotTasks": "anomalib_kd.data",
 }
 
 if TYPE_CHECKING:
     from .data import FewShotTasks, Textures
-    from .models import D24FAD, DHKD, URD
+    from .models import D24FAD, DHKD, PDD, URD
 
-__all__ = ["D24FAD", "DHKD", "URD", "FewShotTasks", "Textures", "autoload", "register_into_anomalib"]
+__all__ = ["D24FAD", "DHKD", "PDD", "URD", "FewShotTasks", "Textures", "autoload", "register_into_anomalib"]
 
 
 def __getattr__(name: str) -> Any:

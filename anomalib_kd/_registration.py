@@ -47,6 +47,7 @@ _FALLBACK = {
         "URD": "anomalib_kd.models.urd:URD",
         "D24FAD": "anomalib_kd.models.d24fad:D24FAD",
         "DHKD": "anomalib_kd.models.dhkd:DHKD",
+        "PDD": "anomalib_kd.models.pdd:PDD",
     },
     "anomalib_kd.datamodules": {
         "Textures": "anomalib_kd.data.textures:Textures",

@@ -24,6 +24,7 @@ from anomalib_kd.models.dhkd.blocks import SCMM
 from anomalib_kd.models.dhkd.teacher import build_teacher
 
 from ..conftest import TINY_TEXTURES
+from ..helpers import train_export_and_check
 
 SMALL = 64
 
@@ -310,3 +311,18 @@ def test_openvino_export_matches_eager(tmp_path: Path) -> None:
     model.model.set_quantiles(*torch.tensor([0.0, 1.0, 0.0, 1.0]))
     with torch.no_grad():
         assert not torch.allclose(model(images).anomaly_map, eager.anomaly_map)
+
+
+@pytest.mark.slow
+def test_stock_cli_train_export_and_openvino_inferencer(tiny_textures_root: Path, tmp_path: Path) -> None:
+    """`anomalib train` + `anomalib export` (stock command), then OpenVINOInferencer parity (f32)."""
+    data_args = [
+        "--data", "anomalib_kd.data.Textures", f"--data.root={tiny_textures_root}",
+        *[f"--data.{k}={v}" for k, v in TINY_TEXTURES.items() if k != "defect_types"],
+        "--data.defect_types=[scratch, blob]", "--trainer.max_epochs=1",
+    ]  # fmt: skip
+    model_args = ["--model.pre_trained=false", "--model.image_size=64"]
+    image_path = next(tiny_textures_root.rglob("test/blob/*.png"))
+    ckpt = train_export_and_check(DHKD, model_args, data_args, tmp_path, (64, 64), image_path)
+    restored = DHKD.load_from_checkpoint(ckpt)
+    assert bool(restored.model.teacher_stats_set)

@@ -20,6 +20,7 @@ from anomalib_kd.models.urd.loss import mask_pyramid
 from anomalib_kd.models.urd.torch_model import URDModel
 
 from ..conftest import TINY_TEXTURES
+from ..helpers import console_script, run_cli, train_export_and_check
 
 FAST_BACKBONE = "resnet18"  # same code path as WRN50-2, ~10x cheaper: used where shapes are not the point
 
@@ -174,7 +175,7 @@ def test_weights_load_from_env_directory(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 @pytest.fixture(scope="module")
-def trained_run(
+def trainedrun_cli(
     tmp_path_factory: pytest.TempPathFactory, tiny_textures_root: Path
 ) -> tuple[Path, Engine, URD]:
     """One short Engine fit (train + validation: the post-processor gets its thresholds)."""
@@ -227,52 +228,17 @@ def test_openvino_export_matches_eager(trained_run: tuple[Path, Engine, URD], tm
 # --- The stock anomalib command (subprocess), as a user runs it -------------------------------------
 
 
-def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=900, check=False)
-    assert result.returncode == 0, (
-        f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    )
-    return result
-
-
-def _anomalib(command: str = "anomalib") -> str:
-    return str(Path(sys.executable).parent / command)
-
-
 @pytest.mark.slow
 def test_stock_cli_train_export_and_openvino_inferencer(tiny_textures_root: Path, tmp_path: Path) -> None:
-    from anomalib.data.utils import read_image
-    from anomalib.deploy import OpenVINOInferencer
-
     data_args = [
         "--data", "anomalib_kd.data.Textures", f"--data.root={tiny_textures_root}",
         *[f"--data.{k}={v}" for k, v in TINY_TEXTURES.items() if k != "defect_types"],
         "--data.defect_types=[scratch, blob]",
     ]  # fmt: skip
-    _run(
-        [_anomalib(), "train", "--model", "anomalib_kd.URD", f"--model.backbone={FAST_BACKBONE}",
-         "--model.pre_trained=false", "--model.iterations=1", *data_args, f"--default_root_dir={tmp_path}"],
-        cwd=tmp_path,
-    )  # fmt: skip
-    ckpt = next(tmp_path.rglob("weights/lightning/model.ckpt"))
-    assert list((ckpt.parents[2] / "images").rglob("*.png")), "anomalib's visualizer wrote no images"
-    _run(
-        [_anomalib(), "export", "--model", "anomalib_kd.URD", "--export_type", "openvino",
-         f"--ckpt_path={ckpt}", "--input_size=[64,64]", f"--default_root_dir={tmp_path / 'export'}"],
-        cwd=tmp_path,
-    )  # fmt: skip
-    xml = next((tmp_path / "export").rglob("openvino/model.xml"))
+    model_args = [f"--model.backbone={FAST_BACKBONE}", "--model.pre_trained=false", "--model.iterations=1"]
     image_path = next(tiny_textures_root.rglob("test/scratch/*.png"))
-    inferencer = OpenVINOInferencer(xml, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
-    predicted = inferencer.predict(image_path)
     # Eager reference: the same AnomalibModule.forward (resize to 256 -> URD -> post-processing) in PyTorch.
-    model = URD.load_from_checkpoint(ckpt).eval()
-    image = torch.from_numpy(read_image(image_path)).permute(2, 0, 1)[None].float()
-    with torch.no_grad():
-        eager = model(image)
-    assert np.isfinite(predicted.pred_score).all()
-    assert abs(float(predicted.pred_score.reshape(-1)[0]) - float(eager.pred_score.reshape(-1)[0])) < 1e-3
-    assert np.abs(predicted.anomaly_map.squeeze() - eager.anomaly_map.squeeze().numpy()).max() < 1e-3
+    train_export_and_check(URD, model_args, data_args, tmp_path, (64, 64), image_path)
 
 
 @pytest.mark.slow
@@ -297,7 +263,7 @@ benchmark:
 {init}
 """
     )
-    _run([_anomalib(), "benchmark", "--config", str(config)], cwd=tmp_path)
+    run_cli([console_script(), "benchmark", "--config", str(config)], cwd=tmp_path)
     csvs = list((tmp_path / "runs").rglob("results.csv"))
     assert csvs, "anomalib benchmark wrote no results.csv"
     text = csvs[0].read_text()
@@ -314,9 +280,9 @@ def test_registration_is_what_makes_bare_names_resolve(tmp_path: Path) -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path, check=False
     )
     assert off.returncode != 0
-    on = _run([sys.executable, "-c", probe], cwd=tmp_path)
+    on = run_cli([sys.executable, "-c", probe], cwd=tmp_path)
     assert on.stdout.strip().endswith("URD")
-    wrapped = _run(
-        [_anomalib("anomalib-kd"), "train", "--model=URD", "--print_config"], cwd=tmp_path, env=env
+    wrapped = run_cli(
+        [console_script("anomalib-kd"), "train", "--model=URD", "--print_config"], cwd=tmp_path, env=env
     )
     assert "class_path: anomalib_kd.URD" in wrapped.stdout

@@ -1,0 +1,176 @@
+"""PDD: Manifold-Prior Diverse Distillation, as an anomalib model.
+
+Paper: "PDD: Manifold-Prior Diverse Distillation for Medical Anomaly Detection" (CVPR 2026).
+
+Two frozen teachers (WRN50-2, VMamba-Tiny v0) are fused into a unified manifold by trainable InA/MMU
+adapters; two students (one decoder shared as in the official code, or two) reconstruct the fused
+targets, student 2 with MPA priors; a diversity loss keeps them apart on the finest level and together
+on the deeper ones. Adam lr 2e-3, betas (0.5, 0.999), cosine learning-rate schedule.
+
+Example:
+    >>> from anomalib.engine import Engine
+    >>> from anomalib_kd.data import Textures
+    >>> from anomalib_kd.models.pdd import PDD
+    >>> engine = Engine(max_epochs=100)
+    >>> engine.train(PDD(pre_trained=False), datamodule=Textures())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torchvision.transforms.v2 import Compose, Resize
+
+from anomalib_kd.components.module import DistillationModuleMixin
+
+from .loss import PDDLoss
+from .torch_model import PDDModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PDD"]
+
+DEFAULT_SCHEDULE_EPOCHS = 100
+
+
+class PDD(DistillationModuleMixin, AnomalibModule):
+    """Manifold-prior diverse distillation (dual teacher, dual student).
+
+    Args:
+        backbone: timm name of the CNN teacher. Default ``wide_resnet50_2.racm_in1k`` (official weights
+            file ``wide_resnet50_racm-8234f177.pth``).
+        pre_trained: load both teachers' ImageNet weights from local files at the start of training
+            (never downloads). ``False``: random teachers (tests only).
+        wrn_weights_path: local CNN-teacher weights; else ``$ANOMALIB_KD_WEIGHTS`` or timm's cache.
+        vmamba_weights_path: local ``vssmtiny_dp01_ckpt_epoch_292.pth``; else ``$ANOMALIB_KD_WEIGHTS``.
+        shared_students: one decoder for both students (official code, default) or two (paper).
+        tau_low, tau_high: diversity thresholds (official 0.75 / 0.30; tune per dataset).
+        lambda_kr, alpha, beta, lambda_div: loss weights (official 0.02, 0.02, 0.05, 0.5).
+        prp_cosine: L_prp's cosine term, ``"paper"`` (1 - cos) or ``"official"`` (+cos, the code's sign).
+        lr, beta1, beta2: Adam (official 2e-3, 0.5, 0.999).
+        lr_min_ratio: cosine schedule floor as a fraction of ``lr`` (official 0.1).
+        lr_t_max: cosine period in epochs (official 40, periodic over 100 epochs). ``None``: one half
+            cosine over the trainer's ``max_steps`` (per step) or else ``max_epochs`` (per epoch).
+        vmamba_depths, vmamba_dims: VMamba teacher configuration (default VMamba-Tiny; change for tests only).
+        sigma: Gaussian smoothing of the anomaly map.
+        pre_processor, post_processor, evaluator, visualizer: anomalib components (``True``: defaults).
+            The default pre-processor resizes to 256x256; any multiple of 32 works.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2.racm_in1k",
+        pre_trained: bool = True,
+        wrn_weights_path: str | None = None,
+        vmamba_weights_path: str | None = None,
+        shared_students: bool = True,
+        tau_low: float = 0.75,
+        tau_high: float = 0.30,
+        lambda_kr: float = 0.02,
+        alpha: float = 0.02,
+        beta: float = 0.05,
+        lambda_div: float = 0.5,
+        prp_cosine: str = "paper",
+        lr: float = 2e-3,
+        beta1: float = 0.5,
+        beta2: float = 0.999,
+        lr_min_ratio: float = 0.1,
+        lr_t_max: int | None = None,
+        vmamba_depths: Sequence[int] = (2, 2, 9, 2),
+        vmamba_dims: Sequence[int] = (96, 192, 384, 768),
+        sigma: float = 4.0,
+        pre_processor: PreProcessor | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.pre_trained = pre_trained
+        self.wrn_weights_path = wrn_weights_path
+        self.vmamba_weights_path = vmamba_weights_path
+        self.lr = lr
+        self.betas = (beta1, beta2)
+        self.lr_min_ratio = lr_min_ratio
+        self.lr_t_max = lr_t_max
+        self.model = PDDModel(
+            backbone=backbone,
+            shared_students=shared_students,
+            vmamba_depths=tuple(vmamba_depths),
+            vmamba_dims=tuple(vmamba_dims),
+            sigma=sigma,
+        )
+        self.loss = PDDLoss(
+            lambda_kr=lambda_kr,
+            alpha=alpha,
+            beta=beta,
+            lambda_div=lambda_div,
+            tau_low=tau_low,
+            tau_high=tau_high,
+            prp_cosine=prp_cosine,
+        )
+
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize only (default 256x256); ImageNet normalisation happens inside the model."""
+        return PreProcessor(transform=Compose([Resize(image_size or (256, 256), antialias=True)]))
+
+    def on_train_start(self) -> None:
+        """Load both local teachers once (after any checkpoint restore: resuming needs no file)."""
+        if self.pre_trained and not bool(self.model.pretrained_loaded):
+            wrn, vmamba = self.model.load_pretrained(self.wrn_weights_path, self.vmamba_weights_path)
+            logger.info("PDD teachers initialised from %s and %s", wrn, vmamba)
+        elif not self.pre_trained:
+            logger.warning("PDD trains with randomly initialised teachers (pre_trained=False).")
+
+    def _schedule(self) -> tuple[str, int]:
+        """(interval, T_max) of the cosine schedule."""
+        if self.lr_t_max is not None:
+            return "epoch", int(self.lr_t_max)
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.max_steps is not None and trainer.max_steps > 0:
+            return "step", int(trainer.max_steps)
+        if trainer is not None and trainer.max_epochs is not None and trainer.max_epochs > 0:
+            return "epoch", int(trainer.max_epochs)
+        return "epoch", DEFAULT_SCHEDULE_EPOCHS
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """Adam over adapters, MPA and students with a cosine schedule down to ``lr_min_ratio * lr``."""
+        parameters = [p for module in self.model.trainable_modules() for p in module.parameters()]
+        optimizer = torch.optim.Adam(parameters, lr=self.lr, betas=self.betas)
+        interval, t_max = self._schedule()
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(t_max, 1), eta_min=self.lr * self.lr_min_ratio
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """L = lambda_kr L_kr + L_prp + lambda_div L_div on the normal training images."""
+        del args, kwargs
+        outputs = self.model.features(batch.image)
+        losses = self.loss(outputs["targets"], outputs["s2"], outputs["s1"])
+        loss = losses["loss"]
+        self.check_finite_loss(loss, "loss", "Try a lower --model.lr or check the input images.")
+        batch_size = len(batch.image)
+        for name in ("kr", "prp", "div"):
+            self.log(
+                f"{name}_loss", losses[name].detach(), on_step=False, on_epoch=True, batch_size=batch_size
+            )
+        self.log(
+            "train_loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size
+        )
+        return {"loss": loss}

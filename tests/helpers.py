@@ -1,0 +1,78 @@
+"""Helpers for tests that run the stock ``anomalib`` command as a user would (subprocess)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def console_script(name: str = "anomalib") -> str:
+    """The console script ``name`` of the environment running the tests."""
+    return str(Path(sys.executable).parent / name)
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a command, failing the test with its output tails when it exits non-zero."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=900, check=False)
+    assert result.returncode == 0, (
+        f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    )
+    return result
+
+
+def assert_openvino_inferencer_matches_eager(model: torch.nn.Module, xml: Path, image_path: Path) -> None:
+    """anomalib's OpenVINOInferencer (f32) on an image file gives the eager AnomalibModule's outputs."""
+    from anomalib.data.utils import read_image
+    from anomalib.deploy import OpenVINOInferencer
+
+    predicted = OpenVINOInferencer(xml, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"}).predict(
+        image_path
+    )
+    image = torch.from_numpy(read_image(image_path)).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        eager = model.eval()(image)
+    assert np.isfinite(predicted.pred_score).all()
+    assert abs(float(predicted.pred_score.reshape(-1)[0]) - float(eager.pred_score.reshape(-1)[0])) < 1e-3
+    assert np.abs(predicted.anomaly_map.squeeze() - eager.anomaly_map.squeeze().numpy()).max() < 1e-3
+
+
+def train_export_and_check(
+    model_class: type,
+    model_args: list[str],
+    data_args: list[str],
+    workdir: Path,
+    input_size: tuple[int, int],
+    image_path: Path,
+) -> Path:
+    """``anomalib train`` then ``anomalib export --export_type openvino``, both the stock command, then
+    OpenVINOInferencer parity with the checkpoint's eager model. Returns the checkpoint."""
+    class_path = f"{model_class.__module__.split('.models')[0]}.{model_class.__name__}"
+    run_cli(
+        [
+            console_script(),
+            "train",
+            "--model",
+            class_path,
+            *model_args,
+            *data_args,
+            f"--default_root_dir={workdir}",
+        ],
+        cwd=workdir,
+    )
+    ckpt = next(workdir.rglob("weights/lightning/model.ckpt"))
+    assert list((ckpt.parents[2] / "images").rglob("*.png")), "anomalib's visualizer wrote no images"
+    run_cli(
+        [console_script(), "export", "--model", class_path, "--export_type", "openvino",
+         f"--ckpt_path={ckpt}", f"--input_size=[{input_size[0]},{input_size[1]}]",
+         f"--default_root_dir={workdir / 'export'}"],
+        cwd=workdir,
+    )  # fmt: skip
+    xml = next((workdir / "export").rglob("openvino/model.xml"))
+    assert_openvino_inferencer_matches_eager(model_class.load_from_checkpoint(ckpt), xml, image_path)
+    return ckpt
