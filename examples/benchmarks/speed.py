@@ -5,6 +5,8 @@ Each model is built with random weights (no downloads), exported through anomali
 medians over ``--repeats`` runs. Throughput at ``--batch`` is printed too.
 
     python examples/benchmarks/speed.py                       # URD (WRN50) vs ReverseDistillation
+    python examples/benchmarks/speed.py --models dhkd efficientad      # DHKD beside EfficientAd (medium)
+    python examples/benchmarks/speed.py --models pdd rd                # PDD beside ReverseDistillation
     python examples/benchmarks/speed.py --models urd urd_r18 rd d24fad --repeats 5
 """
 
@@ -35,6 +37,24 @@ def _rd() -> torch.nn.Module:
     return ReverseDistillation(pre_trained=False)
 
 
+def _dhkd() -> torch.nn.Module:
+    from anomalib_kd import DHKD
+
+    return DHKD(pre_trained=False)
+
+
+def _pdd() -> torch.nn.Module:
+    from anomalib_kd import PDD
+
+    return PDD(pre_trained=False)
+
+
+def _efficientad() -> torch.nn.Module:
+    from anomalib.models import EfficientAd
+
+    return EfficientAd(model_size="medium")  # teacher weights are only fetched at train start
+
+
 def _d24fad() -> torch.nn.Module:
     from anomalib_kd import D24FAD
 
@@ -48,6 +68,9 @@ MODELS: dict[str, tuple[Callable[[], torch.nn.Module], int]] = {
     "urd": (_urd("wide_resnet50_2.tv_in1k"), 256),
     "urd_r18": (_urd("resnet18"), 256),
     "rd": (_rd, 256),
+    "dhkd": (_dhkd, 256),
+    "efficientad": (_efficientad, 256),
+    "pdd": (_pdd, 256),
     "d24fad": (_d24fad, 128),
 }
 
