@@ -8,14 +8,22 @@ from typing import Any
 import torch
 from anomalib import LearningType
 from anomalib.data import Batch
+from anomalib.pre_processing import PreProcessor
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torchvision.transforms.v2 import Compose, Resize
 
 
 class DistillationModuleMixin:
-    """``validation_step``, trainer arguments, learning type and the NaN-loss guard."""
+    """Resize-only pre-processing, ``validation_step``, trainer arguments, learning type, NaN-loss guard."""
 
     model: torch.nn.Module
     global_step: int
+    default_image_size: tuple[int, int] = (256, 256)
+
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize only: the models normalise [0, 1] images inside (synthetic anomalies, exported graph)."""
+        return PreProcessor(transform=Compose([Resize(image_size or cls.default_image_size, antialias=True)]))
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Predict maps and scores; anomalib's post-processor fits thresholds/normalisation on them."""

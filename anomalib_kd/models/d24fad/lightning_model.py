@@ -42,7 +42,6 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torchvision.transforms.v2 import Compose, Resize
 
 from anomalib_kd.components.module import DistillationModuleMixin
 
@@ -132,10 +131,7 @@ class D24FAD(DistillationModuleMixin, AnomalibModule):
         # supports do not replace them.
         self._user_supports = False
 
-    @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Resize only (default 128x128); ImageNet normalisation happens inside the model."""
-        return PreProcessor(transform=Compose([Resize(image_size or (128, 128), antialias=True)]))
+    default_image_size = (128, 128)
 
     # -- supports ---------------------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torchvision.transforms.v2 import Compose, Normalize, Resize
+from torchvision.transforms.v2 import Compose, Normalize
 from tqdm.auto import tqdm
 
 from anomalib_kd.components.module import DistillationModuleMixin
@@ -128,11 +128,6 @@ class DHKD(DistillationModuleMixin, AnomalibModule):
             chunk_size=chunk_size,
         )
         self.loss = DHKDLoss(tuple(loss_weights))
-
-    @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Resize only: the teacher and the student normalise [0, 1] images inside the model."""
-        return PreProcessor(transform=Compose([Resize(image_size or (256, 256), antialias=True)]))
 
     # --- training ------------------------------------------------------------------------------------
 

@@ -29,7 +29,6 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torchvision.transforms.v2 import Compose, Resize
 
 from anomalib_kd.components.module import DistillationModuleMixin
 
@@ -123,11 +122,6 @@ class PDD(DistillationModuleMixin, AnomalibModule):
             tau_high=tau_high,
             prp_cosine=prp_cosine,
         )
-
-    @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Resize only (default 256x256); ImageNet normalisation happens inside the model."""
-        return PreProcessor(transform=Compose([Resize(image_size or (256, 256), antialias=True)]))
 
     def on_train_start(self) -> None:
         """Load both local teachers once (after any checkpoint restore: resuming needs no file)."""

@@ -27,7 +27,6 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torchvision.transforms.v2 import Compose, Resize
 
 from anomalib_kd.components.module import DistillationModuleMixin
 from anomalib_kd.components.synthesis import AnomalySynthesizer
@@ -105,11 +104,6 @@ class URD(DistillationModuleMixin, AnomalibModule):
         self.teacher_loss = TeacherSensitivityLoss()
         self.student_loss = StudentDenoisingLoss()
         self.automatic_optimization = False
-
-    @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Resize only: the model normalises internally, so anomalies are synthesised on [0, 1] images."""
-        return PreProcessor(transform=Compose([Resize(image_size or (256, 256), antialias=True)]))
 
     def on_train_start(self) -> None:
         """Load local pretrained weights once (after any checkpoint restore: resuming needs no file)."""
