@@ -1,8 +1,9 @@
 """Latency of anomalib-kd models beside anomalib's own, eager PyTorch and OpenVINO (f32), in one run.
 
-Each model is built with random weights (no downloads), exported through anomalib's own
-``to_openvino`` (the same path as ``anomalib export``) and timed at batch 1 after a warm-up;
-medians over ``--repeats`` runs. Throughput at ``--batch`` is printed too.
+Each model is built with random weights (no downloads) in its own process, exported through
+anomalib's own ``to_openvino`` (the same path as ``anomalib export``) and timed at batch 1 after a
+warm-up; medians over ``--repeats`` runs. Throughput at ``--batch`` and the process's peak memory are
+printed too.
 
     python examples/benchmarks/speed.py                       # URD (WRN50) vs ReverseDistillation
     python examples/benchmarks/speed.py --models dhkd efficientad      # DHKD beside EfficientAd (medium)
@@ -13,6 +14,8 @@ medians over ``--repeats`` runs. Throughput at ``--batch`` is printed too.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import resource
 import statistics
 import tempfile
 import time
@@ -111,6 +114,9 @@ def measure(name: str, repeats: int, batch: int) -> dict[str, float | str]:
         "openvino_ms": round(1000 * openvino, 1),
         f"eager_img_s_b{batch}": round(batch / eager_batch, 2),
         f"openvino_img_s_b{batch}": round(batch / openvino_batch, 2),
+        # Peak resident memory of this process (each model runs in its own process): build, eager runs,
+        # export and OpenVINO runs together.
+        "peak_rss_GB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
 
 
@@ -123,7 +129,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
     torch.manual_seed(0)
-    rows = [measure(name, args.repeats, args.batch) for name in args.models]
+    # One fresh process per model, so each peak-memory figure is that model's own.
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for name in args.models:
+        with context.Pool(1) as pool:
+            rows.append(pool.apply(measure, (name, args.repeats, args.batch)))
     columns = list(rows[0])
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))

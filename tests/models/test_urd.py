@@ -175,7 +175,7 @@ def test_weights_load_from_env_directory(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 @pytest.fixture(scope="module")
-def trainedrun_cli(
+def trained_run(
     tmp_path_factory: pytest.TempPathFactory, tiny_textures_root: Path
 ) -> tuple[Path, Engine, URD]:
     """One short Engine fit (train + validation: the post-processor gets its thresholds)."""
