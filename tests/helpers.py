@@ -76,3 +76,32 @@ def train_export_and_check(
     xml = next((workdir / "export").rglob("openvino/model.xml"))
     assert_openvino_inferencer_matches_eager(model_class.load_from_checkpoint(ckpt), xml, image_path)
     return ckpt
+
+
+def make_tasks(
+    root: Path,
+    names: tuple[str, ...] = ("alpha", "beta", "gamma"),
+    n_train: int = 6,
+    sizes: tuple[int, ...] = (32, 48, 64),
+    n_test: int = 2,
+) -> Path:
+    """Tiny MVTec-layout tasks: n_train normals, n_test good + n_test bad test images with masks."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for index, name in enumerate(names):
+        size = sizes[index % len(sizes)]
+        base = root / name
+        for sub, count in (("train/good", n_train), ("test/good", n_test), ("test/bad", n_test)):
+            folder = base / sub
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                image = (rng.random((size, size, 3)) * 60 + 50 * index).astype(np.uint8)
+                if sub == "test/bad":
+                    image[4:14, 4:14] = 255
+                    mask = np.zeros((size, size), np.uint8)
+                    mask[4:14, 4:14] = 255
+                    (base / "ground_truth/bad").mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(mask).save(base / "ground_truth/bad" / f"{i:03d}_mask.png")
+                Image.fromarray(image).save(folder / f"{i:03d}.png")
+    return root

@@ -11,31 +11,7 @@ from PIL import Image
 
 from anomalib_kd.data.fewshot import EpisodeBatch, FewShotDataError, FewShotTasks
 
-
-def make_tasks(
-    root: Path,
-    names: tuple[str, ...] = ("alpha", "beta", "gamma"),
-    n_train: int = 6,
-    sizes: tuple[int, ...] = (32, 48, 64),
-) -> Path:
-    """Tiny MVTec-layout tasks: n_train normals, 2 good + 2 bad test images with masks per task."""
-    rng = np.random.default_rng(0)
-    for index, name in enumerate(names):
-        size = sizes[index % len(sizes)]
-        base = root / name
-        for sub, count in (("train/good", n_train), ("test/good", 2), ("test/bad", 2)):
-            folder = base / sub
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                image = (rng.random((size, size, 3)) * 60 + 50 * index).astype(np.uint8)
-                if sub == "test/bad":
-                    image[4:12, 4:12] = 255
-                    mask = np.zeros((size, size), np.uint8)
-                    mask[4:12, 4:12] = 255
-                    (base / "ground_truth/bad").mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(mask).save(base / "ground_truth/bad" / f"{i:03d}_mask.png")
-                Image.fromarray(image).save(folder / f"{i:03d}.png")
-    return root
+from ..helpers import make_tasks
 
 
 @pytest.fixture

@@ -11,33 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from anomalib_kd.data.fewshot import FewShotTasks
 from anomalib_kd.models.d24fad import D24FAD, D24FADLoss, D24FADModel, LearnToWeight
 
+from ..helpers import make_tasks
+
 SMALL = "resnet18"  # small teacher/decoder pair for fast tests (the default is WRN50-2)
-
-
-def make_tasks(root: Path, names: tuple[str, ...] = ("alpha", "beta", "gamma"), n_train: int = 6) -> Path:
-    """Tiny MVTec-layout tasks (32..64 px): n_train normals, 3 good + 3 bad test images with masks."""
-    rng = np.random.default_rng(0)
-    for index, name in enumerate(names):
-        size = (32, 48, 64)[index % 3]
-        base = root / name
-        for sub, count in (("train/good", n_train), ("test/good", 3), ("test/bad", 3)):
-            folder = base / sub
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                image = (rng.random((size, size, 3)) * 60 + 50 * index).astype(np.uint8)
-                if sub == "test/bad":
-                    image[4:14, 4:14] = 255
-                    mask = np.zeros((size, size), np.uint8)
-                    mask[4:14, 4:14] = 255
-                    (base / "ground_truth/bad").mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(mask).save(base / "ground_truth/bad" / f"{i:03d}_mask.png")
-                Image.fromarray(image).save(folder / f"{i:03d}.png")
-    return root
 
 
 def small_model(size: int = 32, **kwargs: object) -> D24FAD:
@@ -51,7 +31,7 @@ def small_model(size: int = 32, **kwargs: object) -> D24FAD:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tasks(tmp_path_factory.mktemp("fewshot"))
+    return make_tasks(tmp_path_factory.mktemp("fewshot"), n_test=3)
 
 
 @pytest.fixture(scope="module")
