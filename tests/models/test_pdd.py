@@ -330,7 +330,8 @@ def test_stock_cli_train_export_and_openvino_inferencer(tiny_textures_root: Path
         "--model.vmamba_depths=[1, 1, 1, 1]", "--model.vmamba_dims=[8, 16, 32, 64]",
     ]  # fmt: skip
     image_path = next(tiny_textures_root.rglob("test/scratch/*.png"))
-    train_export_and_check(PDD, model_args, data_args, tmp_path, (64, 64), image_path)
+    ckpt = train_export_and_check(PDD, model_args, data_args, tmp_path, (64, 64), image_path)
+    assert ckpt.is_file()  # train_export_and_check asserts the parity itself
 
 
 def test_nan_loss_stops_with_a_clear_error(tiny_textures_root: Path) -> None:

@@ -238,7 +238,8 @@ def test_stock_cli_train_export_and_openvino_inferencer(tiny_textures_root: Path
     model_args = [f"--model.backbone={FAST_BACKBONE}", "--model.pre_trained=false", "--model.iterations=1"]
     image_path = next(tiny_textures_root.rglob("test/scratch/*.png"))
     # Eager reference: the same AnomalibModule.forward (resize to 256 -> URD -> post-processing) in PyTorch.
-    train_export_and_check(URD, model_args, data_args, tmp_path, (64, 64), image_path)
+    ckpt = train_export_and_check(URD, model_args, data_args, tmp_path, (64, 64), image_path)
+    assert ckpt.is_file()  # train_export_and_check asserts the parity itself
 
 
 @pytest.mark.slow
