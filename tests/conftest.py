@@ -25,10 +25,8 @@ def _isolated_weight_caches(
 @pytest.fixture(scope="session")
 def tiny_textures_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Textures dataset (brick, 64 px) shared by the model tests."""
-    from anomalib_kd.data import Textures
-
     root = tmp_path_factory.mktemp("textures")
-    Textures(root=root, **TINY_TEXTURES).prepare_data()
+    tiny_textures(root).prepare_data()
     return root
 
 
@@ -43,3 +41,10 @@ TINY_TEXTURES = {
     "eval_batch_size": 4,
     "num_workers": 0,
 }
+
+
+def tiny_textures(root: Path) -> "Textures":  # noqa: F821, UP037  (imported lazily)
+    """The tiny Textures datamodule over ``root`` (made by ``tiny_textures_root``)."""
+    from anomalib_kd.data import Textures
+
+    return Textures(root=root, **TINY_TEXTURES)

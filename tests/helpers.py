@@ -105,3 +105,30 @@ def make_tasks(
                     Image.fromarray(mask).save(base / "ground_truth/bad" / f"{i:03d}_mask.png")
                 Image.fromarray(image).save(folder / f"{i:03d}.png")
     return root
+
+
+def fit_recording_losses(model: object, dataloader: object, max_steps: int) -> tuple[list[float], object]:
+    """Fit ``model`` with a bare Lightning trainer for ``max_steps`` optimizer steps.
+
+    Returns the per-batch losses and the trainer.
+    """
+    import lightning
+
+    losses: list[float] = []
+    step = model.training_step
+
+    def recording_step(*args: object, **kwargs: object) -> dict:
+        out = step(*args, **kwargs)
+        losses.append(float(out["loss"]))
+        return out
+
+    model.training_step = recording_step
+    trainer = lightning.Trainer(
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(model, train_dataloaders=dataloader)
+    return losses, trainer

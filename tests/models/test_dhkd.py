@@ -17,13 +17,12 @@ import torch
 from anomalib.engine import Engine
 
 from anomalib_kd.components.backbones import MissingWeightsError
-from anomalib_kd.data import Textures
 from anomalib_kd.models.dhkd import DHKD, DHKDLoss, DHKDModel
 from anomalib_kd.models.dhkd import teacher as teacher_module
 from anomalib_kd.models.dhkd.blocks import SCMM
 from anomalib_kd.models.dhkd.teacher import build_teacher
 
-from ..conftest import TINY_TEXTURES
+from ..conftest import TINY_TEXTURES, tiny_textures
 from ..helpers import train_export_and_check
 
 SMALL = 64
@@ -206,14 +205,10 @@ def test_missing_teacher_file_names_it_and_the_ways_out(
     assert model.load_teacher(None) == tmp_path / "teacher_medium.pth"
 
 
-def _tiny_datamodule(root: Path) -> Textures:
-    return Textures(root=root, **TINY_TEXTURES)
-
-
 def test_loss_decreases_on_tiny_data(tiny_textures_root: Path) -> None:
     """Adam steps with the model's own settings (lr 1e-4) on tiny data: the loss falls at every step."""
     lightning.seed_everything(0)
-    datamodule = _tiny_datamodule(tiny_textures_root)
+    datamodule = tiny_textures(tiny_textures_root)
     datamodule.setup()
     images = next(iter(datamodule.train_dataloader())).image[:2]
     module = DHKD(pre_trained=False, image_size=SMALL)
@@ -238,7 +233,7 @@ def test_nan_loss_stops_with_a_clear_error(tiny_textures_root: Path) -> None:
     module = DHKD(pre_trained=False, image_size=SMALL)
     with torch.no_grad():
         module.model.student.encoder[0].weight.fill_(float("nan"))
-    datamodule = _tiny_datamodule(tiny_textures_root)
+    datamodule = tiny_textures(tiny_textures_root)
     datamodule.setup()
     batch = next(iter(datamodule.train_dataloader()))
     module.model.train()
@@ -253,7 +248,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_textures_root: Pa
     root = tmp_path_factory.mktemp("dhkd_run")
     model = DHKD(pre_trained=False, image_size=SMALL)
     engine = Engine(default_root_dir=root, enable_progress_bar=False, max_steps=2)
-    engine.fit(model, datamodule=_tiny_datamodule(tiny_textures_root))
+    engine.fit(model, datamodule=tiny_textures(tiny_textures_root))
     return engine, model
 
 

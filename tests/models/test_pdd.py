@@ -12,11 +12,10 @@ import torch
 from anomalib.engine import Engine
 
 from anomalib_kd.components.backbones import MissingWeightsError
-from anomalib_kd.data import Textures
 from anomalib_kd.models.pdd import PDD, PDDLoss, PDDModel, diversity_loss
 
-from ..conftest import TINY_TEXTURES
-from ..helpers import train_export_and_check
+from ..conftest import TINY_TEXTURES, tiny_textures
+from ..helpers import fit_recording_losses, train_export_and_check
 
 # Same code paths as WRN50-2 + VMamba-Tiny, far cheaper: used where the real shapes are not the point.
 FAST = {"backbone": "resnet18", "vmamba_depths": (1, 1, 1, 1), "vmamba_dims": (8, 16, 32, 64)}
@@ -215,10 +214,6 @@ def test_teachers_load_from_local_files(tmp_path: Path) -> None:
     assert bool(model.pretrained_loaded)
 
 
-def _tiny_datamodule(root: Path) -> Textures:
-    return Textures(root=root, **TINY_TEXTURES)
-
-
 def _tiny_pdd(**kwargs: object) -> PDD:
     """Stand-in teachers, trained and evaluated at 64 px (the data's size; default pre-processor: 256)."""
     return PDD(pre_trained=False, pre_processor=PDD.configure_pre_processor((64, 64)), **FAST, **kwargs)  # type: ignore[arg-type]
@@ -226,22 +221,10 @@ def _tiny_pdd(**kwargs: object) -> PDD:
 
 def test_loss_decreases_on_tiny_data(tiny_textures_root: Path) -> None:
     lightning.seed_everything(0)
-    datamodule = _tiny_datamodule(tiny_textures_root)
+    datamodule = tiny_textures(tiny_textures_root)
     datamodule.setup()
     model = _tiny_pdd()
-    losses: list[float] = []
-    step = model.training_step
-
-    def recording_step(*args: object, **kwargs: object) -> dict:
-        out = step(*args, **kwargs)
-        losses.append(float(out["loss"]))
-        return out
-
-    model.training_step = recording_step  # type: ignore[method-assign]
-    trainer = lightning.Trainer(
-        max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0
-    )
-    trainer.fit(model, train_dataloaders=datamodule.train_dataloader())
+    losses, trainer = fit_recording_losses(model, datamodule.train_dataloader(), max_steps=8)
     assert len(losses) == 8
     assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2])
     # Cosine schedule over max_steps, stepped per step, floor 0.1 * lr.
@@ -259,7 +242,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_textures_root: Pa
     root = tmp_path_factory.mktemp("pdd_run")
     model = _tiny_pdd(shared_students=False)
     engine = Engine(default_root_dir=root, enable_progress_bar=False, max_epochs=1)
-    engine.fit(model, datamodule=_tiny_datamodule(tiny_textures_root))
+    engine.fit(model, datamodule=tiny_textures(tiny_textures_root))
     return engine, model
 
 
@@ -335,7 +318,7 @@ def test_stock_cli_train_export_and_openvino_inferencer(tiny_textures_root: Path
 
 
 def test_nan_loss_stops_with_a_clear_error(tiny_textures_root: Path) -> None:
-    datamodule = _tiny_datamodule(tiny_textures_root)
+    datamodule = tiny_textures(tiny_textures_root)
     datamodule.setup()
     model = _tiny_pdd()
     with torch.no_grad():

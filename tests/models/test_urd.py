@@ -15,12 +15,11 @@ from anomalib.engine import Engine
 
 from anomalib_kd import URD
 from anomalib_kd.components.backbones import MissingWeightsError
-from anomalib_kd.data import Textures
 from anomalib_kd.models.urd.loss import mask_pyramid
 from anomalib_kd.models.urd.torch_model import URDModel
 
-from ..conftest import TINY_TEXTURES
-from ..helpers import console_script, run_cli, train_export_and_check
+from ..conftest import TINY_TEXTURES, tiny_textures
+from ..helpers import console_script, fit_recording_losses, run_cli, train_export_and_check
 
 FAST_BACKBONE = "resnet18"  # same code path as WRN50-2, ~10x cheaper: used where shapes are not the point
 
@@ -103,38 +102,18 @@ def test_mask_pyramid_is_cascaded_and_binary() -> None:
         assert level.sum() > 0
 
 
-def _tiny_datamodule(root: Path) -> Textures:
-    return Textures(root=root, **TINY_TEXTURES)
-
-
 def test_loss_decreases_on_tiny_data(tiny_textures_root: Path) -> None:
     lightning.seed_everything(0)
-    datamodule = _tiny_datamodule(tiny_textures_root)
+    datamodule = tiny_textures(tiny_textures_root)
     datamodule.setup()
     model = URD(backbone=FAST_BACKBONE, pre_trained=False, iterations=8)
-    losses: list[float] = []
-    step = model.training_step
-
-    def recording_step(*args: object, **kwargs: object) -> dict:
-        out = step(*args, **kwargs)
-        losses.append(float(out["loss"]))
-        return out
-
-    model.training_step = recording_step  # type: ignore[method-assign]
-    trainer = lightning.Trainer(
-        max_steps=2 * 8,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(model, train_dataloaders=datamodule.train_dataloader())
+    losses, _ = fit_recording_losses(model, datamodule.train_dataloader(), max_steps=2 * 8)
     assert len(losses) == 8  # two optimizer steps per iteration: max_steps = 2 * iterations
     assert np.mean(losses[-2:]) < 0.9 * np.mean(losses[:2])
 
 
 def test_nan_loss_stops_with_a_clear_error(tiny_textures_root: Path) -> None:
-    datamodule = _tiny_datamodule(tiny_textures_root)
+    datamodule = tiny_textures(tiny_textures_root)
     datamodule.setup()
     model = URD(backbone=FAST_BACKBONE, pre_trained=False, iterations=1)
     with torch.no_grad():
@@ -183,7 +162,7 @@ def trained_run(
     root = tmp_path_factory.mktemp("urd_run")
     model = URD(backbone=FAST_BACKBONE, pre_trained=False, iterations=1)
     engine = Engine(default_root_dir=root, enable_progress_bar=False)
-    engine.fit(model, datamodule=_tiny_datamodule(tiny_textures_root))
+    engine.fit(model, datamodule=tiny_textures(tiny_textures_root))
     return root, engine, model
 
 
