@@ -17,7 +17,9 @@ The pure path is a two-level chunked scan. The sequence (length ``L``, padded to
 So there are ``2T + nc`` sequential steps instead of ``L`` (192 at ``L=4096``, ``T=64``), each step works
 on a ``(batch, d, N, nc)`` tensor (``L/T`` times smaller than a ``(d, N, L)`` one), every exponent is
 ``delta * A <= 0`` (no ``exp(-S)``: stable in f32), and there is no ``Scan``/``Loop`` node in an exported
-graph (OpenVINO 2026.4 mis-runs ONNX ``Scan``): the short loops unroll at export.
+graph (OpenVINO 2026.4 mis-runs ONNX ``Scan``): the short loops unroll at export. The step decays
+``exp(delta_t A)`` are computed once, in one wide op, and shared by passes 1 and 3 (half the exponentials;
+the exported scan ran 2x faster in OpenVINO for one ``(d, N, L)``-sized buffer).
 """
 
 from __future__ import annotations
@@ -220,29 +222,35 @@ def _chunked_scan_core(
         B = F.pad(B, (0, pad))  # noqa: N806
         C = F.pad(C, (0, pad))  # noqa: N806
 
-    # Step-major layouts so that each step reads one contiguous slab; the state is (b, G, nc, dg, N).
-    def per_channel(t: Tensor) -> Tensor:  # (b, d, nc*T) -> (T, b, G, nc, dg, 1)
-        return t.reshape(batch, groups, dg, n_chunks, tsz).permute(4, 0, 1, 3, 2).unsqueeze(-1).contiguous()
+    # Step-major layouts so that each step reads one contiguous slab; the state is (b, G, nc, N, dg): the
+    # channel axis innermost, so the decay/input updates are wide vector ops and the readout over N is a
+    # small MatMul (a ReduceSum over a length-16 innermost axis was ~30 % of the exported scan's time).
+    def per_channel(t: Tensor) -> Tensor:  # (b, d, nc*T) -> (T, b, G, nc, 1, dg)
+        return t.reshape(batch, groups, dg, n_chunks, tsz).permute(4, 0, 1, 3, 2).unsqueeze(-2).contiguous()
 
-    def per_group(t: Tensor) -> Tensor:  # (b, G, N, nc*T) -> (T, b, G, nc, 1, N)
+    def per_group(t: Tensor) -> Tensor:  # (b, G, N, nc*T) -> (T, b, G, nc, N, 1)
         return (
-            t.reshape(batch, groups, n_state, n_chunks, tsz).permute(4, 0, 1, 3, 2).unsqueeze(-2).contiguous()
+            t.reshape(batch, groups, n_state, n_chunks, tsz).permute(4, 0, 1, 3, 2).unsqueeze(-1).contiguous()
         )
 
-    delta_s, x_s, b_s, c_s = per_channel(delta), per_channel(x), per_group(B), per_group(C)
-    a_g = A.reshape(groups, 1, dg, n_state)  # broadcasts against (.., G, nc, dg, N)
+    delta_s, x_s, b_s = per_channel(delta), per_channel(x), per_group(B)
+    c_s = per_group(C).transpose(-1, -2)  # (T, b, G, nc, 1, N): the readout row of each step
+    a_g = A.reshape(groups, 1, dg, n_state).transpose(-1, -2)  # (G, 1, N, dg), broadcasts against the state
+    # All step decays exp(delta_t A) at once, shared by both passes: one wide Exp instead of two per step
+    # (half the exponentials, and 2x faster in OpenVINO at L=4096), at the cost of one (d, N, L) tensor.
+    decays = torch.exp(delta_s * a_g)
     # split(1) keeps the leading size-1 dim: one Split node per tensor in ONNX, no per-step Gather/Squeeze.
-    deltas, xs, bs, cs = (t.split(1, dim=0) for t in (delta_s, x_s, b_s, c_s))
+    das, xs, bs, cs = (t.split(1, dim=0) for t in (decays, x_s, b_s, c_s))
 
     # 1. local pass: final state of every chunk from a zero state (h_{-1} = 0 -> h_0 = x_0 B_0).
     h = xs[0] * bs[0]
     for t in range(1, tsz):
-        # addcmul broadcasts the outer product x_t (dg) x B_t (N) without materialising it first.
-        h = torch.addcmul(torch.exp(deltas[t] * a_g) * h, xs[t], bs[t])
+        # addcmul broadcasts the outer product B_t (N) x x_t (dg) without materialising it first.
+        h = torch.addcmul(das[t] * h, xs[t], bs[t])
     decay = torch.exp(delta_s.sum(0, keepdim=True) * a_g)  # prod_t exp(delta_t A) = exp(A sum_t delta_t)
 
-    if h0 is not None:  # (b, d, N) -> (1, b, G, 1, dg, N), the layout of one chunk's state
-        start = h0.reshape(1, batch, groups, 1, dg, n_state)
+    if h0 is not None:  # (b, d, N) -> (1, b, G, 1, N, dg), the layout of one chunk's state
+        start = h0.reshape(1, batch, groups, 1, dg, n_state).transpose(-1, -2)
     # 2. carry pass over chunks: H_c = decay_c H_{c-1} + h_c; chunk c starts from H_{c-1} (H_{-1} = 0).
     if n_chunks > 1:
         local, dec = h.split(1, dim=3), decay.split(1, dim=3)
@@ -253,13 +261,13 @@ def _chunked_scan_core(
     else:
         h = torch.zeros_like(h) if h0 is None else start
 
-    # 3. output pass: eq. (1) from the carried state, then y_t = <C_t, h_t> (sum over N).
+    # 3. output pass: eq. (1) from the carried state, then y_t = <C_t, h_t> (a (1, N) x (N, dg) MatMul).
     ys = []
     for t in range(tsz):
-        h = torch.addcmul(torch.exp(deltas[t] * a_g) * h, xs[t], bs[t])
-        ys.append((h * cs[t]).sum(-1))
-    y = torch.cat(ys, dim=0)  # (T, b, G, nc, dg)
+        h = torch.addcmul(das[t] * h, xs[t], bs[t])
+        ys.append(torch.matmul(cs[t], h))
+    y = torch.cat(ys, dim=0).squeeze(-2)  # (T, b, G, nc, dg)
     y = y.permute(1, 2, 4, 3, 0).reshape(batch, d, n_chunks * tsz)
     # Padded steps are identities, so the last chunk's state after T steps is the state at step L - 1.
-    last = h[:, :, :, -1].reshape(batch, d, n_state)
+    last = h[:, :, :, -1].transpose(-1, -2).reshape(batch, d, n_state)
     return (y[..., :seq_len] if pad else y), last
