@@ -20,13 +20,24 @@ _LAZY = {
     "PDD": "anomalib_kd.models",
     "Textures": "anomalib_kd.data",
     "FewShotTasks": "anomalib_kd.data",
+    "KDBench": "anomalib_kd.data",
 }
 
 if TYPE_CHECKING:
-    from .data import FewShotTasks, Textures
+    from .data import FewShotTasks, KDBench, Textures
     from .models import D24FAD, DHKD, PDD, URD
 
-__all__ = ["D24FAD", "DHKD", "PDD", "URD", "FewShotTasks", "Textures", "autoload", "register_into_anomalib"]
+__all__ = [
+    "D24FAD",
+    "DHKD",
+    "PDD",
+    "URD",
+    "FewShotTasks",
+    "KDBench",
+    "Textures",
+    "autoload",
+    "register_into_anomalib",
+]
 
 
 def __getattr__(name: str) -> Any:

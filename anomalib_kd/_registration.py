@@ -48,10 +48,18 @@ _FALLBACK = {
         "D24FAD": "anomalib_kd.models.d24fad:D24FAD",
         "DHKD": "anomalib_kd.models.dhkd:DHKD",
         "PDD": "anomalib_kd.models.pdd:PDD",
+        "BudgetedURD": "anomalib_kd.benchmark.models:BudgetedURD",
+        "BudgetedDHKD": "anomalib_kd.benchmark.models:BudgetedDHKD",
+        "BudgetedPDD": "anomalib_kd.benchmark.models:BudgetedPDD",
+        "BudgetedD24FAD": "anomalib_kd.benchmark.models:BudgetedD24FAD",
+        "BudgetedReverseDistillation": "anomalib_kd.benchmark.models:BudgetedReverseDistillation",
+        "BudgetedEfficientAd": "anomalib_kd.benchmark.models:BudgetedEfficientAd",
+        "BudgetedPatchcore": "anomalib_kd.benchmark.models:BudgetedPatchcore",
     },
     "anomalib_kd.datamodules": {
         "Textures": "anomalib_kd.data.textures:Textures",
         "FewShotTasks": "anomalib_kd.data.fewshot:FewShotTasks",
+        "KDBench": "anomalib_kd.data.kdbench:KDBench",
     },
 }
 

@@ -1,6 +1,7 @@
 """anomalib-kd datamodules."""
 
 from .fewshot import FewShotTasks
+from .kdbench import KDBench
 from .textures import Textures
 
-__all__ = ["FewShotTasks", "Textures"]
+__all__ = ["FewShotTasks", "KDBench", "Textures"]

@@ -58,6 +58,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import Transform
 from torchvision.transforms.v2.functional import resize
 
+from .kdbench import resolve_kdbench_root
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -382,7 +384,8 @@ class FewShotTasks(AnomalibDataModule):
     """Leave-one-task-out few-shot datamodule (episodic) and its k-shot one-class variant.
 
     Args:
-        root: folder holding the tasks (each sub-folder with a ``train`` folder is a task).
+        root: folder holding the tasks (each sub-folder with a ``train`` folder is a task); ``None``:
+            kdbench, found as :func:`~anomalib_kd.data.kdbench.resolve_kdbench_root` does.
         target: held-out task tested on (its K supports come from its ``train/good``). ``None`` is
             accepted only when ``root`` holds a single task... which leaves nothing to train on in
             episodic mode, so normally give it.
@@ -406,7 +409,7 @@ class FewShotTasks(AnomalibDataModule):
 
     def __init__(
         self,
-        root: str | Path = "./datasets/kdbench",
+        root: str | Path | None = None,
         target: str | None = None,
         tasks: list[str] | dict[str, str] | list[list[str]] | None = None,
         k_shot: int = 4,
@@ -447,7 +450,8 @@ class FewShotTasks(AnomalibDataModule):
         if self.val_split_mode not in allowed:
             msg = f"val_split_mode must be in {[m.value for m in allowed]}, not {val_split_mode!r}."
             raise ValueError(msg)
-        self.root = Path(root).expanduser()
+        # None: the kdbench folder (argument, $ANOMALIB_KD_KDBENCH or ../shared/data/kdbench).
+        self.root = resolve_kdbench_root(None) if root is None else Path(root).expanduser()
         self.target = target
         self.task_spec = tasks
         self.k_shot = k_shot

@@ -1,28 +1,61 @@
-"""Latency of anomalib-kd models beside anomalib's own, eager PyTorch and OpenVINO (f32), in one run.
+"""Speed of anomalib-kd models beside anomalib's own, eager PyTorch and OpenVINO (f32), in one run.
 
 Each model is built with random weights (no downloads) in its own process, exported through
-anomalib's own ``to_openvino`` (the same path as ``anomalib export``) and timed at batch 1 after a
-warm-up; medians over ``--repeats`` runs. Throughput at ``--batch`` and the process's peak memory are
-printed too.
+anomalib's own ``to_openvino`` (the same path as ``anomalib export``) and compiled for the CPU with
+``INFERENCE_PRECISION_HINT=f32``. Per model it measures:
 
-    python examples/benchmarks/speed.py                       # URD (WRN50) vs ReverseDistillation
+- latency per image at batch 1 (median of ``--repeats`` runs after one warm-up), eager and OpenVINO;
+- throughput in images/s at ``--batch`` (median of ``max(1, repeats // 2)`` runs after one warm-up);
+- parameter count (all parameters of the module, including frozen teachers/experts);
+- FLOPs per image, from ``torch.utils.flop_counter.FlopCounterMode`` on one eager forward at batch 1.
+  It counts only convolutions and matrix products (2 FLOPs per multiply-accumulate), so elementwise
+  work is not in it: in particular the selective scan's (DHKD, PDD) recurrence, pre-/post-processing
+  and Patchcore's nearest-neighbour ``min`` are missing; the numbers are lower bounds;
+- achieved GFLOP/s = GFLOPs per image / latency at batch 1, eager and OpenVINO;
+- the process's peak resident memory (building, eager runs, export and OpenVINO runs together).
+
+Input is 256x256, except D24FAD at 128x128 (its paper size) with K=8 random supports stored in the
+model as buffers, so the exported model has a single image input.
+
+Patchcore (anomalib's, default ``wide_resnet50_2`` backbone, random weights) needs a memory bank. Its
+inference cost grows with the bank's size, not its content, so by default the bank holds
+``--patchcore-bank`` rows (24576 ~ the 10 % coreset of MVTec AD's ~240 training images x 32x32 patches)
+drawn with replacement from the embeddings that Patchcore's own train-mode forward gives for
+``--patchcore-images`` random images (coreset subsampling is skipped: at that size it alone would take
+minutes and does not change inference cost). ``--patchcore-bank 0`` instead runs Patchcore's normal fit
+path (train-mode forwards, then ``fit()``'s 10 % coreset) on those images: a small, optimistic bank.
+
+Results go to a CSV (``--output``, one row per model, plus the date, CPU, core count, torch/OpenVINO
+versions and git commit) and a Markdown table on stdout. A model that fails gets a row with its error;
+the others still run.
+
+    python examples/benchmarks/speed.py                                # all default models
     python examples/benchmarks/speed.py --models dhkd efficientad      # DHKD beside EfficientAd (medium)
-    python examples/benchmarks/speed.py --models pdd rd                # PDD beside ReverseDistillation
-    python examples/benchmarks/speed.py --models urd urd_r18 rd d24fad --repeats 5
+    python examples/benchmarks/speed.py --models urd urd_r18 rd --repeats 5 --batch 4
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
+import csv
+import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime
+from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import torch
+
+# Patchcore memory-bank options, set in each worker from the command line (see ``_init_worker``).
+PATCHCORE = {"bank": 24576, "images": 4}
 
 
 def _urd(backbone: str) -> Callable[[], torch.nn.Module]:
@@ -66,6 +99,27 @@ def _d24fad() -> torch.nn.Module:
     return model
 
 
+def _patchcore() -> torch.nn.Module:
+    from anomalib.models import Patchcore
+
+    model = Patchcore(pre_trained=False)
+    images = torch.rand(PATCHCORE["images"], 3, 256, 256)
+    # Patchcore's own training step: a train-mode forward stores the patch embeddings.
+    model.model.train()
+    with torch.no_grad():
+        for image in images.split(1):
+            model.model(image)
+    if PATCHCORE["bank"] <= 0:
+        model.fit()  # the normal fit path: coreset subsampling of the stored embeddings
+    else:
+        embeddings = torch.vstack(model.model.embedding_store)
+        model.model.embedding_store.clear()
+        generator = torch.Generator().manual_seed(0)
+        rows = torch.randint(embeddings.shape[0], (PATCHCORE["bank"],), generator=generator)
+        model.model.memory_bank = embeddings[rows].clone()
+    return model
+
+
 # name -> (factory, input size)
 MODELS: dict[str, tuple[Callable[[], torch.nn.Module], int]] = {
     "urd": (_urd("wide_resnet50_2.tv_in1k"), 256),
@@ -75,7 +129,9 @@ MODELS: dict[str, tuple[Callable[[], torch.nn.Module], int]] = {
     "efficientad": (_efficientad, 256),
     "pdd": (_pdd, 256),
     "d24fad": (_d24fad, 128),
+    "patchcore": (_patchcore, 256),
 }
+DEFAULT_MODELS = ["urd", "dhkd", "pdd", "d24fad", "rd", "efficientad", "patchcore"]
 
 
 def _median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -89,57 +145,188 @@ def _median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) ->
     return statistics.median(times)
 
 
-def measure(name: str, repeats: int, batch: int) -> dict[str, float | str]:
-    """Eager and OpenVINO f32 latency (batch 1) and throughput (``batch``) of one model."""
+def _error(stage: str, exc: BaseException) -> str:
+    last = traceback.extract_tb(exc.__traceback__)[-1:]
+    where = f" ({Path(last[0].filename).name}:{last[0].lineno})" if last else ""
+    return f"{stage}: {type(exc).__name__}: {exc}{where}".replace("\n", " ")
+
+
+def _init_worker(patchcore: dict[str, int]) -> None:
+    PATCHCORE.update(patchcore)
+
+
+def measure(name: str, repeats: int, batch: int) -> dict[str, Any]:
+    """Size, FLOPs, eager and OpenVINO f32 latency (batch 1) and throughput (``batch``) of one model.
+
+    Runs in its own process. A failing stage (FLOP count, eager, OpenVINO) leaves its columns empty and
+    adds to ``error``; the other stages still run.
+    """
     import openvino as ov
+    from torch.utils.flop_counter import FlopCounterMode
 
     factory, size = MODELS[name]
+    row: dict[str, Any] = {"model": name, "image_size": size}
+    errors: list[str] = []
+    torch.manual_seed(0)
     model = factory().eval()
-    params = sum(p.numel() for p in model.parameters()) / 1e6
+    row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    if name == "patchcore":
+        row["notes"] = f"memory bank {model.model.memory_bank.shape[0]} x {model.model.memory_bank.shape[1]}"
     one, many = torch.rand(1, 3, size, size), torch.rand(batch, 3, size, size)
-    with torch.no_grad():
-        eager = _median_seconds(lambda: model(one), repeats)
-        eager_batch = _median_seconds(lambda: model(many), max(1, repeats // 2))
-    with tempfile.TemporaryDirectory() as root:
-        xml = model.to_openvino(export_root=Path(root), input_size=(size, size))
-        compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        one_np, many_np = one.numpy(), many.numpy()
-        openvino = _median_seconds(lambda: compiled(one_np), repeats)
-        openvino_batch = _median_seconds(lambda: compiled(many_np), max(1, repeats // 2))
+    gflops = None
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(one)
+        gflops = counter.get_total_flops() / 1e9
+        row["gflops"] = round(gflops, 2)
+    except Exception as exc:
+        errors.append(_error("flops", exc))
+    try:
+        with torch.no_grad():
+            eager = _median_seconds(lambda: model(one), repeats)
+            row["eager_ms_b1"] = round(1000 * eager, 1)
+            if gflops is not None:
+                row["eager_gflops_per_s"] = round(gflops / eager, 1)
+            eager_batch = _median_seconds(lambda: model(many), max(1, repeats // 2))
+            row[f"eager_ips_b{batch}"] = round(batch / eager_batch, 2)
+    except Exception as exc:
+        errors.append(_error("eager", exc))
+    try:
+        with tempfile.TemporaryDirectory() as root:
+            xml = model.to_openvino(export_root=Path(root), input_size=(size, size))
+            compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            one_np, many_np = one.numpy(), many.numpy()
+            openvino = _median_seconds(lambda: compiled(one_np), repeats)
+            row["ov_ms_b1"] = round(1000 * openvino, 1)
+            if gflops is not None:
+                row["ov_gflops_per_s"] = round(gflops / openvino, 1)
+            openvino_batch = _median_seconds(lambda: compiled(many_np), max(1, repeats // 2))
+            row[f"ov_ips_b{batch}"] = round(batch / openvino_batch, 2)
+    except Exception as exc:
+        errors.append(_error("openvino", exc))
+    # ru_maxrss is in KiB on Linux; each model has its own process, so this is that model's peak.
+    row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    row["error"] = "; ".join(errors)
+    return row
+
+
+def run_info() -> dict[str, str | int]:
+    """Columns shared by every row: when, where and with what the measurement ran."""
+    import openvino
+
+    from anomalib_kd.tools.benchmark_report import cpu_model, git_commit
+
     return {
-        "model": name,
-        "size": f"{size}x{size}",
-        "params_M": round(params, 1),
-        "eager_ms": round(1000 * eager, 1),
-        "openvino_ms": round(1000 * openvino, 1),
-        f"eager_img_s_b{batch}": round(batch / eager_batch, 2),
-        f"openvino_img_s_b{batch}": round(batch / openvino_batch, 2),
-        # Peak resident memory of this process (each model runs in its own process): build, eager runs,
-        # export and OpenVINO runs together.
-        "peak_rss_GB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "weights": "random",
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": cpu_model(),
+        "cores": os.cpu_count() or 0,
+        "torch": torch.__version__,
+        "openvino": openvino.__version__,
+        "commit": git_commit(Path(__file__).resolve().parent),
     }
+
+
+def columns(batch: int) -> list[str]:
+    """CSV columns, in order."""
+    return [
+        "model",
+        "image_size",
+        "params_m",
+        "gflops",
+        "eager_ms_b1",
+        "ov_ms_b1",
+        f"eager_ips_b{batch}",
+        f"ov_ips_b{batch}",
+        "eager_gflops_per_s",
+        "ov_gflops_per_s",
+        "peak_rss_gb",
+        "weights",
+        "date",
+        "machine",
+        "cores",
+        "torch",
+        "openvino",
+        "commit",
+        "notes",
+        "error",
+    ]
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path, batch: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns(batch), restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown(rows: list[dict[str, Any]], batch: int) -> str:
+    headers = {
+        "model": "model",
+        "image_size": "size",
+        "params_m": "params (M)",
+        "gflops": "GFLOPs",
+        "eager_ms_b1": "eager ms (b1)",
+        "ov_ms_b1": "OpenVINO ms (b1)",
+        f"eager_ips_b{batch}": f"eager img/s (b{batch})",
+        f"ov_ips_b{batch}": f"OpenVINO img/s (b{batch})",
+        "eager_gflops_per_s": "eager GFLOP/s",
+        "ov_gflops_per_s": "OpenVINO GFLOP/s",
+        "peak_rss_gb": "peak RSS (GB)",
+    }
+    if any(row.get("error") for row in rows):
+        headers["error"] = "error"
+    lines = ["| " + " | ".join(headers.values()) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(row.get(key, "")) for key in headers) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", nargs="+", default=["urd", "rd"], choices=sorted(MODELS))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=sorted(MODELS))
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    parser.add_argument("--batch", type=int, default=8, help="batch size of the throughput runs")
+    parser.add_argument("--output", type=Path, default=Path("results/speed/speed.csv"), help="CSV to write")
+    parser.add_argument(
+        "--patchcore-bank",
+        type=int,
+        default=PATCHCORE["bank"],
+        help="Patchcore memory-bank rows (0: normal fit path with 10%% coreset on --patchcore-images)",
+    )
+    parser.add_argument(
+        "--patchcore-images", type=int, default=PATCHCORE["images"], help="random images Patchcore embeds"
+    )
     args = parser.parse_args()
-    torch.manual_seed(0)
-    # One fresh process per model, so each peak-memory figure is that model's own.
-    context = multiprocessing.get_context("spawn")
-    rows = []
+    patchcore = {"bank": args.patchcore_bank, "images": args.patchcore_images}
+    info = run_info()
+    rows: list[dict[str, Any]] = []
     for name in args.models:
-        with context.Pool(1) as pool:
-            rows.append(pool.apply(measure, (name, args.repeats, args.batch)))
-    columns = list(rows[0])
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(str(row[c]) for c in columns) + " |")
+        # One fresh process per model, so each peak-memory figure is that model's own. A process pool
+        # (not multiprocessing.Pool) because a worker killed by the OOM killer then raises instead of
+        # hanging.
+        with ProcessPoolExecutor(
+            max_workers=1, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(patchcore,)
+        ) as pool:
+            try:
+                row = pool.submit(measure, name, args.repeats, args.batch).result()
+            except Exception as exc:
+                # The worker's own traceback travels as the exception's cause.
+                print(exc.__cause__ or traceback.format_exc(), file=sys.stderr)
+                error = f"build/process: {type(exc).__name__}: {exc}".replace("\n", " ")
+                row = {"model": name, "image_size": MODELS[name][1], "error": error}
+        rows.append({**row, **info})
+        print(f"{name}: done" + (f" ({row['error']})" if row.get("error") else ""), flush=True)
+        write_csv(rows, args.output, args.batch)  # after every model, so an interrupted run keeps its rows
+    print(
+        f"\n{info['date']}, {info['machine']} ({info['cores']} cores), torch {info['torch']}, "
+        f"OpenVINO {info['openvino']}, commit {info['commit']}, random weights. "
+        "GFLOPs count convolutions and matrix products only."
+    )
+    print(markdown(rows, args.batch))
+    print(f"\nWrote {args.output}")
 
 
 if __name__ == "__main__":

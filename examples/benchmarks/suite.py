@@ -1,0 +1,119 @@
+"""The whole benchmark in one command: accuracy (stock ``anomalib benchmark``), speed, report.
+
+    python examples/benchmarks/suite.py                                # everything, default CPU budgets
+    python examples/benchmarks/suite.py --seeds 0 --categories brick   # a quick subset
+    python examples/benchmarks/suite.py --models dhkd reverse_distillation --skip-speed
+
+1. Accuracy: for each model, ``anomalib benchmark --config configs/benchmark/<model>.yaml`` (the stock
+   command, one process per model so a failing model does not lose the others' results), with the
+   seeds/categories narrowed when asked. Each writes
+   ``<output>/runs/<model>/runs/benchmark/<date>/results.csv``.
+2. Speed: ``examples/benchmarks/speed.py`` (eager and OpenVINO latency, throughput, memory, FLOPs) to
+   ``<output>/speed.csv``.
+3. Report: ``python -m anomalib_kd.tools.benchmark_report`` turns both into ``<output>/report.md`` and two
+   plots, and with ``--readme README.md`` rewrites the README's results block.
+
+Data: kdbench, found by ``anomalib_kd.data.KDBench`` (``--data`` or ``$ANOMALIB_KD_KDBENCH``, else
+``../shared/data/kdbench``). Teachers are random-initialised unless the configs are edited to load weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "configs" / "benchmark"
+MODELS = ["urd", "dhkd", "pdd", "d24fad", "reverse_distillation", "efficientad", "patchcore"]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=MODELS, help="configs/benchmark/<name>.yaml to run")
+    parser.add_argument("--data", type=Path, default=None, help="kdbench root (sets $ANOMALIB_KD_KDBENCH)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="override the configs' seed grid")
+    parser.add_argument("--categories", nargs="+", default=None, help="override the category/target grid")
+    parser.add_argument("--output", type=Path, default=Path("results/benchmark"))
+    parser.add_argument("--skip-accuracy", action="store_true", help="reuse the results CSVs under --output")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--speed-args", default="--repeats 5", help="extra arguments for speed.py")
+    parser.add_argument("--readme", type=Path, default=None, help="README whose results block is rewritten")
+    return parser.parse_args()
+
+
+def narrowed_config(path: Path, seeds: list[int] | None, categories: list[str] | None) -> dict:
+    """The config at ``path`` with its seed and category (or few-shot target) grids replaced."""
+    config = yaml.safe_load(path.read_text())
+    bench = config["benchmark"]
+    if seeds is not None:
+        bench["seed"] = {"grid": seeds}
+    if categories is not None:
+        init = bench["data"].setdefault("init_args", {})
+        key = "target" if "target" in init else "category"
+        init[key] = {"grid": categories}
+    return config
+
+
+def run_accuracy(args: argparse.Namespace, env: dict[str, str]) -> list[Path]:
+    """One stock ``anomalib benchmark`` process per model; returns the results CSVs written."""
+    anomalib = shutil.which("anomalib") or str(Path(sys.executable).with_name("anomalib"))
+    csvs = []
+    for name in args.models:
+        source = CONFIGS / f"{name}.yaml"
+        if not source.is_file():
+            print(f"[{name}] no config {source}; skipped", flush=True)
+            continue
+        workdir = (args.output / "runs" / name).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = workdir / "config.yaml"
+        narrowed = narrowed_config(source, args.seeds, args.categories)
+        config.write_text(yaml.safe_dump(narrowed, sort_keys=False))
+        log = workdir / "benchmark.log"
+        print(f"[{name}] anomalib benchmark --config {config} (log: {log})", flush=True)
+        tic = time.time()
+        with log.open("w") as handle:
+            command = [anomalib, "benchmark", "--config", str(config)]
+            code = subprocess.call(command, cwd=workdir, env=env, stdout=handle, stderr=handle)
+        found = sorted(workdir.glob("runs/benchmark/*/results.csv"))
+        status = "ok" if code == 0 and found else f"FAILED (exit {code}; see {log})"
+        print(f"[{name}] {status} in {time.time() - tic:.0f} s", flush=True)
+        if found:
+            csvs.append(found[-1])
+    return csvs
+
+
+def main() -> None:
+    args = parse_args()
+    args.output.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if args.data is not None:
+        env["ANOMALIB_KD_KDBENCH"] = str(args.data.resolve())
+    started = time.time()
+    if not args.skip_accuracy:
+        run_accuracy(args, env)
+    speed_csv = args.output / "speed.csv"
+    if not args.skip_speed:
+        speed = REPO / "examples" / "benchmarks" / "speed.py"
+        command = [sys.executable, str(speed), "--output", str(speed_csv)]
+        print("speed:", " ".join(command + args.speed_args.split()), flush=True)
+        subprocess.call(command + args.speed_args.split(), env=env)
+    report = [sys.executable, "-m", "anomalib_kd.tools.benchmark_report"]
+    report += ["--results", str(args.output / "runs"), "--output", str(args.output)]
+    if speed_csv.is_file():
+        report += ["--speed", str(speed_csv)]
+    if args.readme is not None:
+        report += ["--readme", str(args.readme)]
+    code = subprocess.call(report, env=env)
+    print(f"suite done in {time.time() - started:.0f} s; report: {args.output / 'report.md'}", flush=True)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The benchmark suite: every ``configs/benchmark/*.yaml`` resolves through anomalib's own loaders, the
+budgeted models carry their budget, and a stock ``anomalib benchmark`` run works offline end to end."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+from anomalib.data import get_datamodule
+from anomalib.models import get_model
+from anomalib.pipelines.components.utils import get_iterator_from_grid_dict
+
+from anomalib_kd import D24FAD, DHKD, PDD, URD
+from anomalib_kd.benchmark import BudgetedEfficientAd
+from anomalib_kd.data.kdbench import KDBENCH_CATEGORIES, KDBENCH_ENV
+from tests.helpers import console_script, make_tasks, run_cli
+
+REPO = Path(__file__).resolve().parents[2]
+SUITE = sorted(p for p in (REPO / "configs" / "benchmark").glob("*.yaml") if p.stem != "urd_textures")
+EXPECTED = {"urd": URD, "dhkd": DHKD, "pdd": PDD, "d24fad": D24FAD, "efficientad": "EfficientAd",
+            "reverse_distillation": "ReverseDistillation", "patchcore": "Patchcore"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_kdbench(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("kdbench")
+    return make_tasks(root, names=KDBENCH_CATEGORIES, n_train=9, sizes=(64,), n_test=2)
+
+
+def _jobs(path: Path) -> list[dict]:
+    return list(get_iterator_from_grid_dict(yaml.safe_load(path.read_text())["benchmark"]))
+
+
+def test_suite_covers_every_model() -> None:
+    assert {p.stem for p in SUITE} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("config", SUITE, ids=lambda p: p.stem)
+def test_config_resolves_every_job(config: Path, tiny_kdbench: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KDBENCH_ENV, str(tiny_kdbench))
+    jobs = _jobs(config)
+    assert len({job["seed"] for job in jobs}) >= 2, "several seeds"
+    categories = {
+        job["data"]["init_args"].get("category", job["data"]["init_args"].get("target")) for job in jobs
+    }
+    assert categories == set(KDBENCH_CATEGORIES)
+    for (
+        job
+    ) in jobs:  # every datamodule resolves through anomalib's own loader, with the data found via the env
+        datamodule = get_datamodule(job["data"])
+        assert Path(datamodule.root) == tiny_kdbench
+    model = get_model(
+        jobs[0]["model"]
+    )  # the budgeted class, resolved by anomalib's get_model from its bare name
+    expected = EXPECTED[config.stem]
+    base_names = [cls.__name__ for cls in type(model).__mro__]
+    assert (expected if isinstance(expected, str) else expected.__name__) in base_names
+    budget = model.trainer_arguments
+    assert budget["max_epochs"] == jobs[0]["model"]["init_args"]["max_epochs"]
+    assert 0 < budget["max_epochs"] <= 5, "the default budget must stay CPU-sized"
+    size = jobs[0]["model"]["init_args"]["image_size"]
+    assert model.pre_processor.transform.transforms[0].size == [size, size]
+
+
+def test_budget_overrides_only_the_trainer_arguments() -> None:
+    model = BudgetedEfficientAd(max_epochs=3, limit_train_batches=4, image_size=64)
+    assert model.trainer_arguments == {"num_sanity_val_steps": 0, "max_epochs": 3, "max_steps": -1,
+                                       "limit_train_batches": 4}  # fmt: skip
+    assert type(model).__mro__[2].__name__ == "EfficientAd"
+
+
+@pytest.mark.slow
+def test_stock_benchmark_runs_efficientad_offline(tiny_kdbench: Path, tmp_path: Path) -> None:
+    """anomalib would download EfficientAd's teacher and ImageNette: the budgeted class needs neither."""
+    job = yaml.safe_load((REPO / "configs" / "benchmark" / "efficientad.yaml").read_text())
+    job["benchmark"]["seed"] = 7
+    job["benchmark"]["model"]["init_args"] |= {"image_size": 64, "limit_train_batches": 2}
+    job["benchmark"]["data"]["init_args"]["category"] = "brick"
+    config = tmp_path / "efficientad.yaml"
+    config.write_text(yaml.safe_dump(job))
+    cache = tmp_path / "cache"
+    env = {KDBENCH_ENV: str(tiny_kdbench), "ANOMALIB_KD_CACHE": str(cache)}
+    result = run_cli([console_script(), "benchmark", "--config", str(config)], cwd=tmp_path, env=env)
+    csvs = list(tmp_path.glob("runs/benchmark/*/results.csv"))
+    assert csvs, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = list(csv.DictReader(csvs[0].open()))
+    assert len(rows) == 1
+    assert rows[0]["model.class_path"] == "BudgetedEfficientAd"
+    assert 0.0 <= float(rows[0]["image_AUROC"]) <= 1.0
+    assert len(list((cache / "efficientad_penalty" / "images").glob("*.png"))) >= 5
