@@ -118,6 +118,27 @@ def test_matches_naive_version(height, width):
     assert (y.double() - ref).abs().max() / ref.abs().max() < 1e-5
 
 
+def test_row_chunk_path_matches_generic_path():
+    """Inference on a square map takes the row-chunk layout; training and non-square maps the generic one."""
+    torch.manual_seed(1)
+    m = SS2D(d_model=8, d_state=4).eval()
+    with torch.no_grad():
+        m.Ds.normal_()
+        m.dt_projs_bias.normal_(std=0.5)
+        m.A_logs.normal_(std=0.5)
+    x = torch.randn(2, 6, 6, 8)
+    conv_out = torch.zeros(2, m.d_inner, 6, 6)
+    generic = m(x)  # grad enabled: generic path
+    assert not m.uses_row_chunks(conv_out)
+    with torch.no_grad():
+        assert m.uses_row_chunks(conv_out)
+        assert not m.uses_row_chunks(torch.zeros(2, m.d_inner, 6, 5))
+        rows = m(x)
+        ref = naive_ss2d(m, x)
+    assert (rows - generic).abs().max() < 1e-5
+    assert (rows.double() - ref).abs().max() / ref.abs().max() < 1e-5
+
+
 def test_shapes_at_256_and_backward():
     """A 256x256 image is 64x64 tokens at VMamba stage 1 (and DHKD's HSTM-4)."""
     m = SS2D(d_model=96)

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .selective_scan import selective_scan
+from .selective_scan import _is_tracing, mamba_ssm_available, scan_chunk_steps, selective_scan
 
 __all__ = ["SS2D", "cross_merge", "cross_scan"]
 
@@ -143,10 +143,56 @@ class SS2D(nn.Module):
         y = cross_merge(ys.reshape(batch, k, di, seq_len), height, width)
         return y.transpose(1, 2).reshape(batch, height, width, di).to(x.dtype)
 
+    def uses_row_chunks(self, x: Tensor) -> bool:
+        """Whether :meth:`forward_core_rows` runs: square maps, inference or export, pure-PyTorch scan.
+
+        Training keeps :meth:`forward_core` (its scan checkpoints segments to bound backward memory), and
+        CUDA with mamba-ssm keeps the fused kernel.
+        """
+        height, width = x.shape[-2:]
+        inference = not torch.is_grad_enabled() or _is_tracing()
+        fused = mamba_ssm_available() and x.is_cuda and not _is_tracing()
+        return height == width and self.chunk_size is None and inference and not fused
+
+    def forward_core_rows(self, x: Tensor) -> Tensor:
+        """:meth:`forward_core` with each image row (column) as one chunk of the chunked scan, channels-last.
+
+        On a square map, direction 0's sequence cut into chunks of ``T = W`` steps is the image itself:
+        chunk ``c`` = row ``c``, step ``t`` = column ``t``; direction 1 likewise with columns, and the
+        reversed directions flip both chunk and step axes. So the step-major layout the scan needs is a
+        permutation of the channels-last map that keeps channels innermost (cheap), instead of the
+        generic path's ``(B, d, L) -> (T, B, d, nc)`` transposes, which took about half of the exported
+        scan's time. Same result as :meth:`forward_core`. ``x``: ``(B, H, W, d_inner)`` channels-last.
+        """
+        n, r = self.d_state, self.dt_rank
+        rows = x.permute(2, 0, 1, 3)  # (T=W, B, nc=H, d): direction 0, step t = column t of row c
+        cols = x.permute(1, 0, 2, 3)  # (T=H, B, nc=W, d): direction 1, step t = row t of column c
+        fwd = torch.stack([rows, cols], dim=2)
+        xs = torch.cat([fwd, fwd.flip(0, 3)], dim=2).float()  # (T, B, K, nc, d); reversed = both axes flipped
+        x_dbl = torch.einsum("tbkcd,kjd->tbkcj", xs, self.x_proj_weight.float())
+        dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=-1)
+        dts = torch.einsum("tbkcr,kdr->tbkcd", dts, self.dt_projs_weight.float())
+        delta = torch.nn.functional.softplus(dts + self.dt_projs_bias.float()[:, None])  # bias (K, d)
+        a_g = (
+            -torch.exp(self.A_logs.float())
+            .reshape(self.k_group, self.d_inner, n)
+            .transpose(1, 2)
+            .unsqueeze(1)
+        )
+        ys, _ = scan_chunk_steps(
+            delta.unsqueeze(-2), (delta * xs).unsqueeze(-2), bs.unsqueeze(-1), cs.unsqueeze(-2), a_g
+        )
+        ys = ys.squeeze(-2) + xs * self.Ds.float().reshape(self.k_group, self.d_inner)[:, None]
+        pair = ys[:, :, 0:2] + ys[:, :, 2:4].flip(0, 3)  # undo the reversal of directions 2 and 3
+        y = pair[:, :, 0].permute(1, 2, 0, 3) + pair[:, :, 1].permute(1, 0, 2, 3)  # both to (B, H, W, d)
+        return y.to(x.dtype)
+
     def forward(self, x: Tensor) -> Tensor:
         """``(B, H, W, d_model)`` -> ``(B, H, W, d_model)``."""
         x, z = self.in_proj(x).chunk(2, dim=-1)
         z = self.act(z)
         x = self.act(self.conv2d(x.permute(0, 3, 1, 2)))
-        y = self.out_norm(self.forward_core(x)) * z
+        rows = self.uses_row_chunks(x)
+        y = self.forward_core_rows(x.permute(0, 2, 3, 1)) if rows else self.forward_core(x)
+        y = self.out_norm(y) * z
         return self.dropout(self.out_proj(y))
