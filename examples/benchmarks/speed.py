@@ -183,12 +183,7 @@ def measure(name: str, repeats: int, batch: int) -> dict[str, Any]:
         errors.append(_error("flops", exc))
     try:
         with torch.no_grad():
-            eager = _median_seconds(lambda: model(one), repeats)
-            row["eager_ms_b1"] = round(1000 * eager, 1)
-            if gflops is not None:
-                row["eager_gflops_per_s"] = round(gflops / eager, 1)
-            eager_batch = _median_seconds(lambda: model(many), max(1, repeats // 2))
-            row[f"eager_ips_b{batch}"] = round(batch / eager_batch, 2)
+            row |= _timings("eager", lambda: model(one), lambda: model(many), gflops, batch, repeats)
     except Exception as exc:
         errors.append(_error("eager", exc))
     try:
@@ -196,17 +191,29 @@ def measure(name: str, repeats: int, batch: int) -> dict[str, Any]:
             xml = model.to_openvino(export_root=Path(root), input_size=(size, size))
             compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
             one_np, many_np = one.numpy(), many.numpy()
-            openvino = _median_seconds(lambda: compiled(one_np), repeats)
-            row["ov_ms_b1"] = round(1000 * openvino, 1)
-            if gflops is not None:
-                row["ov_gflops_per_s"] = round(gflops / openvino, 1)
-            openvino_batch = _median_seconds(lambda: compiled(many_np), max(1, repeats // 2))
-            row[f"ov_ips_b{batch}"] = round(batch / openvino_batch, 2)
+            row |= _timings("ov", lambda: compiled(one_np), lambda: compiled(many_np), gflops, batch, repeats)
     except Exception as exc:
         errors.append(_error("openvino", exc))
     # ru_maxrss is in KiB on Linux; each model has its own process, so this is that model's peak.
     row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     row["error"] = "; ".join(errors)
+    return row
+
+
+def _timings(
+    prefix: str,
+    run_one: Callable[[], object],
+    run_batch: Callable[[], object],
+    gflops: float | None,
+    batch: int,
+    repeats: int,
+) -> dict[str, float]:
+    """Batch-1 latency (ms), achieved GFLOP/s and batch throughput (images/s) of one runtime."""
+    latency = _median_seconds(run_one, repeats)
+    row = {f"{prefix}_ms_b1": round(1000 * latency, 1)}
+    if gflops is not None:
+        row[f"{prefix}_gflops_per_s"] = round(gflops / latency, 1)
+    row[f"{prefix}_ips_b{batch}"] = round(batch / _median_seconds(run_batch, max(1, repeats // 2)), 2)
     return row
 
 
