@@ -43,7 +43,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=Path("results/benchmark"))
     parser.add_argument("--skip-accuracy", action="store_true", help="reuse the results CSVs under --output")
     parser.add_argument("--skip-speed", action="store_true")
-    parser.add_argument("--speed-args", default="--repeats 5", help="extra arguments for speed.py")
+    parser.add_argument(
+        "--speed-args",
+        default="--repeats 5 --models urd_r18 dhkd pdd d24fad rd efficientad patchcore urd",
+        help="arguments for speed.py (urd_r18 is the URD the accuracy configs train)",
+    )
     parser.add_argument("--readme", type=Path, default=None, help="README whose results block is rewritten")
     return parser.parse_args()
 

@@ -74,7 +74,7 @@ def runs(tmp_path: Path) -> Path:
 @pytest.fixture
 def speed_csv(tmp_path: Path) -> Path:
     rows = [
-        {"model": "urd", "image_size": 256, "params_m": 189.8, "gflops": 70.1, "eager_ms_b1": 679.0,
+        {"model": "urd_r18", "image_size": 256, "params_m": 189.8, "gflops": 70.1, "eager_ms_b1": 679.0,
          "ov_ms_b1": 478.0, "eager_ips_b8": 1.69, "ov_ips_b8": 2.15, "eager_gflops_per_s": 103.2,
          "ov_gflops_per_s": 146.7, "peak_rss_gb": 3.85, "weights": "random", "date": "2026-11-23T10:00:00",
          "machine": "Test CPU", "cores": 2, "torch": "2.10", "openvino": "2026.4.1-1", "commit": "abc1234",
@@ -283,7 +283,8 @@ def test_model_names_join() -> None:
         "rd": "ReverseDistillation",
         "efficientad": "EfficientAd",
         "patchcore": "Patchcore",
-        "urd": "URD",
+        "urd_r18": "URD",
+        "urd": "URD (WRN50-2)",
         "dhkd": "DHKD",
         "pdd": "PDD",
         "d24fad": "D24FAD",
