@@ -4,10 +4,10 @@
     python examples/benchmarks/suite.py --seeds 0 --categories brick   # a quick subset
     python examples/benchmarks/suite.py --models dhkd reverse_distillation --skip-speed
 
-1. Accuracy: for each model, ``anomalib benchmark --config configs/benchmark/<model>.yaml`` (the stock
-   command, one process per model so a failing model does not lose the others' results), with the
-   seeds/categories narrowed when asked. Each writes
-   ``<output>/runs/<model>/runs/benchmark/<date>/results.csv``.
+1. Accuracy: the stock ``anomalib benchmark --config`` on each job of ``configs/benchmark/<model>.yaml``
+   (one category and seed per process, so an interrupted or failing job never loses the finished ones),
+   with the seeds/categories narrowed when asked. Each writes
+   ``<output>/runs/<model>/<category>_seed<seed>/runs/benchmark/<date>/results.csv``.
 2. Speed: ``examples/benchmarks/speed.py`` (eager and OpenVINO latency, throughput, memory, FLOPs) to
    ``<output>/speed.csv``.
 3. Report: ``python -m anomalib_kd.tools.benchmark_report`` turns both into ``<output>/report.md`` and two
@@ -52,21 +52,33 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def narrowed_config(path: Path, seeds: list[int] | None, categories: list[str] | None) -> dict:
-    """The config at ``path`` with its seed and category (or few-shot target) grids replaced."""
+def _grid(value: object) -> list:
+    return list(value["grid"]) if isinstance(value, dict) and "grid" in value else [value]
+
+
+def single_job_configs(
+    path: Path, seeds: list[int] | None, categories: list[str] | None
+) -> list[tuple[str, dict]]:
+    """The config at ``path`` split into one config per (category or few-shot target, seed).
+
+    anomalib's benchmark writes its CSV only after its last job; one job per process keeps every finished
+    job's results when a later one fails or the run is interrupted.
+    """
     config = yaml.safe_load(path.read_text())
-    bench = config["benchmark"]
-    if seeds is not None:
-        bench["seed"] = {"grid": seeds}
-    if categories is not None:
-        init = bench["data"].setdefault("init_args", {})
-        key = "target" if "target" in init else "category"
-        init[key] = {"grid": categories}
-    return config
+    init = config["benchmark"]["data"].setdefault("init_args", {})
+    key = "target" if "target" in init else "category"
+    jobs = []
+    for category in categories if categories is not None else _grid(init.get(key)):
+        for seed in seeds if seeds is not None else _grid(config["benchmark"]["seed"]):
+            job = yaml.safe_load(yaml.safe_dump(config))  # deep copy
+            job["benchmark"]["seed"] = seed
+            job["benchmark"]["data"]["init_args"][key] = category
+            jobs.append((f"{category}_seed{seed}", job))
+    return jobs
 
 
 def run_accuracy(args: argparse.Namespace, env: dict[str, str]) -> list[Path]:
-    """One stock ``anomalib benchmark`` process per model; returns the results CSVs written."""
+    """Stock ``anomalib benchmark`` runs, one process per job; returns the results CSVs written."""
     anomalib = shutil.which("anomalib") or str(Path(sys.executable).with_name("anomalib"))
     csvs = []
     for name in args.models:
@@ -74,22 +86,21 @@ def run_accuracy(args: argparse.Namespace, env: dict[str, str]) -> list[Path]:
         if not source.is_file():
             print(f"[{name}] no config {source}; skipped", flush=True)
             continue
-        workdir = (args.output / "runs" / name).resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
-        config = workdir / "config.yaml"
-        narrowed = narrowed_config(source, args.seeds, args.categories)
-        config.write_text(yaml.safe_dump(narrowed, sort_keys=False))
-        log = workdir / "benchmark.log"
-        print(f"[{name}] anomalib benchmark --config {config} (log: {log})", flush=True)
-        tic = time.time()
-        with log.open("w") as handle:
-            command = [anomalib, "benchmark", "--config", str(config)]
-            code = subprocess.call(command, cwd=workdir, env=env, stdout=handle, stderr=handle)
-        found = sorted(workdir.glob("runs/benchmark/*/results.csv"))
-        status = "ok" if code == 0 and found else f"FAILED (exit {code}; see {log})"
-        print(f"[{name}] {status} in {time.time() - tic:.0f} s", flush=True)
-        if found:
-            csvs.append(found[-1])
+        for job_name, job in single_job_configs(source, args.seeds, args.categories):
+            workdir = (args.output / "runs" / name / job_name).resolve()
+            workdir.mkdir(parents=True, exist_ok=True)
+            config = workdir / "config.yaml"
+            config.write_text(yaml.safe_dump(job, sort_keys=False))
+            log = workdir / "benchmark.log"
+            print(f"[{name} {job_name}] anomalib benchmark --config {config}", flush=True)
+            tic = time.time()
+            with log.open("w") as handle:
+                command = [anomalib, "benchmark", "--config", str(config)]
+                code = subprocess.call(command, cwd=workdir, env=env, stdout=handle, stderr=handle)
+            found = sorted(workdir.glob("runs/benchmark/*/results.csv"))
+            status = "ok" if code == 0 and found else f"FAILED (exit {code}; see {log})"
+            print(f"[{name} {job_name}] {status} in {time.time() - tic:.0f} s", flush=True)
+            csvs.extend(found[-1:])
     return csvs
 
 

@@ -4,6 +4,7 @@ budgeted models carry their budget, and a stock ``anomalib benchmark`` run works
 from __future__ import annotations
 
 import csv
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,27 @@ def test_stock_benchmark_runs_efficientad_offline(tiny_kdbench: Path, tmp_path: 
     assert rows[0]["model.class_path"] == "BudgetedEfficientAd"
     assert 0.0 <= float(rows[0]["image_AUROC"]) <= 1.0
     assert len(list((cache / "efficientad_penalty" / "images").glob("*.png"))) >= 5
+
+
+def test_suite_runs_one_job_per_process() -> None:
+    """suite.py splits each config into single (category, seed) jobs, none lost or doubled."""
+    spec = importlib.util.spec_from_file_location("suite", REPO / "examples" / "benchmarks" / "suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    for config in SUITE:
+        expected = {_category_and_seed(job) for job in _jobs(config)}
+        split = suite.single_job_configs(config, None, None)
+        singles = [_jobs_of(job) for _, job in split]
+        assert all(len(jobs) == 1 for jobs in singles)
+        assert {_category_and_seed(jobs[0]) for jobs in singles} == expected
+        assert len(split) == len(expected)
+    assert len(suite.single_job_configs(SUITE[0], [3], ["brick"])) == 1
+
+
+def _category_and_seed(job: dict) -> tuple[str, int]:
+    init = job["data"]["init_args"]
+    return init.get("category", init.get("target")), job["seed"]
+
+
+def _jobs_of(config: dict) -> list[dict]:
+    return list(get_iterator_from_grid_dict(config["benchmark"]))
