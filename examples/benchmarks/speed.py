@@ -38,24 +38,25 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import torch
 
-# Patchcore memory-bank options, set in each worker from the command line (see ``_init_worker``).
+# Patchcore memory-bank options, set in each worker process from the command line.
 PATCHCORE = {"bank": 24576, "images": 4}
+ROW_PREFIX = "SPEED-ROW "  # how a --worker process hands its row to the parent
 
 
 def _urd(backbone: str) -> Callable[[], torch.nn.Module]:
@@ -151,8 +152,26 @@ def _error(stage: str, exc: BaseException) -> str:
     return f"{stage}: {type(exc).__name__}: {exc}{where}".replace("\n", " ")
 
 
-def _init_worker(patchcore: dict[str, int]) -> None:
-    PATCHCORE.update(patchcore)
+def run_in_fresh_process(name: str, repeats: int, batch: int, patchcore: dict[str, int]) -> dict[str, Any]:
+    """:func:`measure` in a fresh interpreter (each peak-memory figure is that model's own).
+
+    A plain subprocess running this script with ``--worker``: a worker killed by the OOM killer gives an
+    error row. (``measure`` in a multiprocessing child, via ``Process`` or ``concurrent.futures``, made
+    OpenVINO 4-6x slower here, measured; a fresh interpreter runs it at full speed.)
+    """
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--repeats", str(repeats),
+               "--batch", str(batch), "--patchcore-bank", str(patchcore["bank"]),
+               "--patchcore-images", str(patchcore["images"])]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = [line for line in result.stdout.splitlines() if line.startswith(ROW_PREFIX)]
+    if not lines:
+        sys.stderr.write(result.stderr[-5000:])
+        return {
+            "model": name,
+            "image_size": MODELS[name][1],
+            "error": f"worker exit code {result.returncode}",
+        }
+    return json.loads(lines[-1][len(ROW_PREFIX) :])
 
 
 def measure(name: str, repeats: int, batch: int) -> dict[str, Any]:
@@ -218,8 +237,12 @@ def _timings(
 
 
 def run_info() -> dict[str, str | int]:
-    """Columns shared by every row: when, where and with what the measurement ran."""
-    import openvino
+    """Columns shared by every row: when, where and with what the measurement ran.
+
+    No ``import openvino`` here: with OpenVINO loaded in this parent process, the workers' OpenVINO ran
+    4-6x slower (measured), so its version comes from the package metadata.
+    """
+    from importlib.metadata import version
 
     from anomalib_kd.tools.benchmark_report import cpu_model, git_commit
 
@@ -229,7 +252,7 @@ def run_info() -> dict[str, str | int]:
         "machine": cpu_model(),
         "cores": os.cpu_count() or 0,
         "torch": torch.__version__,
-        "openvino": openvino.__version__,
+        "openvino": version("openvino"),
         "commit": git_commit(Path(__file__).resolve().parent),
     }
 
@@ -306,24 +329,22 @@ def main() -> None:
     parser.add_argument(
         "--patchcore-images", type=int, default=PATCHCORE["images"], help="random images Patchcore embeds"
     )
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: measure one model
     args = parser.parse_args()
     patchcore = {"bank": args.patchcore_bank, "images": args.patchcore_images}
+    if args.worker is not None:
+        PATCHCORE.update(patchcore)
+        try:
+            row = measure(args.worker, args.repeats, args.batch)
+        except Exception as exc:
+            traceback.print_exc()
+            row = {"model": args.worker, "image_size": MODELS[args.worker][1], "error": _error("build", exc)}
+        print(ROW_PREFIX + json.dumps(row), flush=True)
+        return
     info = run_info()
     rows: list[dict[str, Any]] = []
     for name in args.models:
-        # One fresh process per model, so each peak-memory figure is that model's own. A process pool
-        # (not multiprocessing.Pool) because a worker killed by the OOM killer then raises instead of
-        # hanging.
-        with ProcessPoolExecutor(
-            max_workers=1, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(patchcore,)
-        ) as pool:
-            try:
-                row = pool.submit(measure, name, args.repeats, args.batch).result()
-            except Exception as exc:
-                # The worker's own traceback travels as the exception's cause.
-                print(exc.__cause__ or traceback.format_exc(), file=sys.stderr)
-                error = f"build/process: {type(exc).__name__}: {exc}".replace("\n", " ")
-                row = {"model": name, "image_size": MODELS[name][1], "error": error}
+        row = run_in_fresh_process(name, args.repeats, args.batch, patchcore)
         rows.append({**row, **info})
         print(f"{name}: done" + (f" ({row['error']})" if row.get("error") else ""), flush=True)
         write_csv(rows, args.output, args.batch)  # after every model, so an interrupted run keeps its rows
