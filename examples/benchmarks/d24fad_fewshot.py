@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import time
@@ -60,6 +61,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-pretrained", action="store_true", help="random teachers (no weights file)")
     parser.add_argument("--full", action="store_true", help="paper settings: 128 px, 70 epochs, batch 16")
     parser.add_argument("--output", type=Path, default=Path("results/d24fad_fewshot"))
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the rows in <output>/results.json, run the rest"
+    )
     args = parser.parse_args()
     if args.full:
         args.image_size, args.batch_size, args.max_steps, args.max_epochs = 128, 16, -1, 70
@@ -166,8 +170,10 @@ def main() -> None:
             raise SystemExit(f"{error}\nOr run with --no-pretrained (random teachers).") from error
     torch.manual_seed(0)
     runners = {"D24FAD": run_d24fad, "ReverseDistillation": run_reverse_distillation}
-    rows = []
     args.output.mkdir(parents=True, exist_ok=True)
+    results = args.output / "results.json"
+    rows = json.loads(results.read_text())["rows"] if args.resume and results.is_file() else []
+    done = {(r["suite"], r["task"], r["k"], r["model"]) for r in rows}
     started = time.time()
     for suite in args.suites:
         root = suite_root(args.data, suite)
@@ -175,8 +181,11 @@ def main() -> None:
         for target in [t for t in tasks if not args.targets or t in args.targets]:
             for k in args.shots:
                 for name in args.models:
+                    if (suite, target, k, name) in done:
+                        continue
                     tic = time.time()
                     scores = runners[name](args, root, target, k, pretrained)
+                    gc.collect()  # free the finished run's model and trainer before the next one
                     rows.append({
                         "suite": suite, "task": target, "k": k, "model": name, "aurocs": scores,
                         "mean": float(np.mean(scores)), "std": float(np.std(scores)),
@@ -187,8 +196,12 @@ def main() -> None:
                         f"{rows[-1]['mean']:.3f} +- {rows[-1]['std']:.3f} ({rows[-1]['seconds']:.0f}s)",
                         flush=True,
                     )
-    (args.output / "results.json").write_text(json.dumps({"args": vars(args) | {"data": str(args.data),
-        "output": str(args.output)}, "rows": rows}, indent=1))  # fmt: skip
+                    # After every row: an interrupted run keeps what it measured (--resume continues it).
+                    payload = {
+                        "args": vars(args) | {"data": str(args.data), "output": str(args.output)},
+                        "rows": rows,
+                    }
+                    results.write_text(json.dumps(payload, indent=1))
     print_table(rows, args)
     print(f"total {time.time() - started:.0f}s; pretrained teachers: {pretrained}")
 
