@@ -372,7 +372,14 @@ def speed_table(speed: pd.DataFrame) -> list[str]:
         if key in speed.columns and (key not in {"notes", "error"} or speed[key].notna().any())
     }
     rows = [[_number(row[key]) for key in columns] for _, row in speed.iterrows()]
+    if "error" in columns:  # keep the table readable: the first words of an error; the CSV has it whole
+        index = list(columns).index("error")
+        rows = [[*r[:index], _shorten(str(r[index])), *r[index + 1 :]] for r in rows]
     return _table(list(columns.values()), rows)
+
+
+def _shorten(text: str, limit: int = 90) -> str:
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
 def _distinct(frame: pd.DataFrame, column: str) -> str:
