@@ -44,6 +44,11 @@ def mamba_ssm_available() -> bool:
     return _mamba_selective_scan_fn is not None
 
 
+def uses_fused_kernel(u: Tensor) -> bool:
+    """Whether ``backend="auto"`` runs mamba-ssm's kernel for ``u``: importable, on CUDA, not tracing."""
+    return _mamba_selective_scan_fn is not None and u.is_cuda and not _is_tracing()
+
+
 def _is_tracing() -> bool:
     """True while torch.export / torch.compile / TorchScript / ONNX tracing is running."""
     return (
@@ -99,9 +104,7 @@ def selective_scan(
     if backend not in {"auto", "torch", "mamba"}:
         msg = f"backend must be 'auto', 'torch' or 'mamba', got {backend!r}"
         raise ValueError(msg)
-    use_mamba = backend == "mamba" or (
-        backend == "auto" and _mamba_selective_scan_fn is not None and u.is_cuda and not _is_tracing()
-    )
+    use_mamba = backend == "mamba" or (backend == "auto" and uses_fused_kernel(u))
     if use_mamba:
         if _mamba_selective_scan_fn is None:
             msg = "backend='mamba' needs mamba-ssm (pip install anomalib-kd[cuda])"

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .selective_scan import _is_tracing, mamba_ssm_available, scan_chunk_steps, selective_scan
+from .selective_scan import _is_tracing, scan_chunk_steps, selective_scan, uses_fused_kernel
 
 __all__ = ["SS2D", "cross_merge", "cross_scan"]
 
@@ -151,8 +151,7 @@ class SS2D(nn.Module):
         """
         height, width = x.shape[-2:]
         inference = not torch.is_grad_enabled() or _is_tracing()
-        fused = mamba_ssm_available() and x.is_cuda and not _is_tracing()
-        return height == width and self.chunk_size is None and inference and not fused
+        return height == width and self.chunk_size is None and inference and not uses_fused_kernel(x)
 
     def forward_core_rows(self, x: Tensor) -> Tensor:
         """:meth:`forward_core` with each image row (column) as one chunk of the chunked scan, channels-last.
