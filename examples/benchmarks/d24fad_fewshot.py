@@ -32,6 +32,7 @@ import argparse
 import gc
 import json
 import logging
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -63,6 +64,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=Path("results/d24fad_fewshot"))
     parser.add_argument(
         "--resume", action="store_true", help="keep the rows in <output>/results.json, run the rest"
+    )
+    parser.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep every run's folder (a k-shot RD checkpoint is ~800 MB; the default grid: ~40 GB)",
     )
     args = parser.parse_args()
     if args.full:
@@ -96,6 +102,12 @@ def image_auroc(results: list[dict]) -> float:
     return float(results[0]["image_AUROC"])
 
 
+def discard_run(args: argparse.Namespace, out: Path) -> None:
+    """Delete a scored run's folder (its checkpoint); the row in ``results.json`` is what is kept."""
+    if not args.keep_checkpoints:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def fit_and_validate(engine: Engine, model: torch.nn.Module, datamodule: object) -> None:
     engine.fit(model, datamodule=datamodule)
     engine.validate(model, datamodule=datamodule, verbose=False)
@@ -117,12 +129,14 @@ def run_d24fad(args: argparse.Namespace, root: Path, target: str, k: int, pretra
         root=root, target=target, k_shot=k, support_seed=args.seeds[0], train_batch_size=args.batch_size,
         eval_batch_size=32,
     )  # fmt: skip
-    engine = make_engine(args, args.output / "D24FAD" / root.name / target / f"k{k}")
+    out = args.output / "D24FAD" / root.name / target / f"k{k}"
+    engine = make_engine(args, out)
     fit_and_validate(engine, model, datamodule)
     scores = []
     for seed in args.seeds:  # same trained model, the target's supports redrawn per seed
         datamodule.support_seed = seed
         scores.append(image_auroc(engine.test(model, datamodule=datamodule, verbose=False)))
+    discard_run(args, out)
     return scores
 
 
@@ -147,9 +161,11 @@ def run_reverse_distillation(
             root=root, target=target, k_shot=k, mode="one_class", support_seed=seed,
             train_batch_size=args.batch_size, eval_batch_size=32,
         )  # fmt: skip
-        engine = make_engine(args, args.output / "RD" / root.name / target / f"k{k}_s{seed}")
+        out = args.output / "RD" / root.name / target / f"k{k}_s{seed}"
+        engine = make_engine(args, out)
         fit_and_validate(engine, model, datamodule)
         scores.append(image_auroc(engine.test(model, datamodule=datamodule, verbose=False)))
+        discard_run(args, out)
     return scores
 
 
