@@ -10,10 +10,10 @@ The paper's protocol (D24FAD, ICLR 2026, Sec. 4) on ``kdbench``:
   (one-class, k-shot) per seed, with the same image size and step budget;
 * image AUROC, mean +- std over the support seeds, per task, printed as a table.
 
-The default run is a small budget (64 px, 10 training steps, K in {2, 4, 8}, 2 seeds, the
-``categories`` suite). A smoke run (one target, K=2, 2 seeds, 3 steps) took about 5 minutes on the
-shared 2-core CPU, so the default full grid (5 targets x 3 K) is estimated at 30-60 minutes there;
-narrow it with ``--targets``/``--shots``. ``--full`` selects the paper's settings (128 px, 70 epochs,
+The default run is a small budget (64 px, 10 training steps, K in {2, 4, 8}, support seeds 0-2, the
+``categories`` suite: 5 targets x 3 K x 2 models = 30 rows); on an idle 2-core CPU it took 18 min 38 s (peak RSS 4.5 GB);
+narrow it with ``--targets``/``--shots``. ``results.json`` is rewritten after every row and each run's
+folder (checkpoint) is deleted once scored (``--keep-checkpoints`` keeps them). ``--full`` selects the paper's settings (128 px, 70 epochs,
 batch 16, both suites, 5 seeds), which needs a GPU.
 
 Pretrained teacher weights are never downloaded: pass ``--weights-path`` (torchvision's

@@ -44,6 +44,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-accuracy", action="store_true", help="reuse the results CSVs under --output")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument(
+        "--resume", action="store_true", help="skip the jobs whose folder under --output already has results"
+    )
+    parser.add_argument(
         "--speed-args",
         default="--repeats 5 --models urd_r18 dhkd pdd d24fad rd efficientad patchcore urd",
         help="arguments for speed.py (urd_r18 is the URD the accuracy configs train)",
@@ -88,6 +91,11 @@ def run_accuracy(args: argparse.Namespace, env: dict[str, str]) -> list[Path]:
             continue
         for job_name, job in single_job_configs(source, args.seeds, args.categories):
             workdir = (args.output / "runs" / name / job_name).resolve()
+            done = sorted(workdir.glob("runs/benchmark/*/results.csv"))
+            if args.resume and done:
+                print(f"[{name} {job_name}] kept {done[-1]}", flush=True)
+                csvs.append(done[-1])
+                continue
             workdir.mkdir(parents=True, exist_ok=True)
             config = workdir / "config.yaml"
             config.write_text(yaml.safe_dump(job, sort_keys=False))

@@ -3,6 +3,7 @@ budgeted models carry their budget, and a stock ``anomalib benchmark`` run works
 
 from __future__ import annotations
 
+import argparse
 import csv
 import importlib.util
 from pathlib import Path
@@ -93,11 +94,16 @@ def test_stock_benchmark_runs_efficientad_offline(tiny_kdbench: Path, tmp_path: 
     assert len(list((cache / "efficientad_penalty" / "images").glob("*.png"))) >= 5
 
 
-def test_suite_runs_one_job_per_process() -> None:
-    """suite.py splits each config into single (category, seed) jobs, none lost or doubled."""
+def _load_suite() -> object:
     spec = importlib.util.spec_from_file_location("suite", REPO / "examples" / "benchmarks" / "suite.py")
     suite = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(suite)
+    return suite
+
+
+def test_suite_runs_one_job_per_process() -> None:
+    """suite.py splits each config into single (category, seed) jobs, none lost or doubled."""
+    suite = _load_suite()
     for config in SUITE:
         expected = {_category_and_seed(job) for job in _jobs(config)}
         split = suite.single_job_configs(config, None, None)
@@ -106,6 +112,23 @@ def test_suite_runs_one_job_per_process() -> None:
         assert {_category_and_seed(jobs[0]) for jobs in singles} == expected
         assert len(split) == len(expected)
     assert len(suite.single_job_configs(SUITE[0], [3], ["brick"])) == 1
+
+
+def test_suite_resume_keeps_finished_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--resume reuses a job's results CSV and starts only the jobs without one."""
+    suite = _load_suite()
+    finished = tmp_path / "runs" / "patchcore" / "brick_seed0" / "runs" / "benchmark" / "2026-01-01"
+    finished.mkdir(parents=True)
+    (finished / "results.csv").write_text("model,seed\n")
+    started = []
+    monkeypatch.setattr(suite.subprocess, "call", lambda command, **_: started.append(command) or 1)
+    args = argparse.Namespace(models=["patchcore"], seeds=[0, 1], categories=["brick"], output=tmp_path)
+    for resume in (True, False):
+        started.clear()
+        csvs = suite.run_accuracy(argparse.Namespace(**vars(args), resume=resume), env={})
+        assert len(started) == (1 if resume else 2)
+        assert csvs == [finished / "results.csv"]
+        assert (tmp_path / "runs" / "patchcore" / "brick_seed1" / "config.yaml").is_file()
 
 
 def _category_and_seed(job: dict) -> tuple[str, int]:
