@@ -11,10 +11,11 @@ The paper's protocol (D24FAD, ICLR 2026, Sec. 4) on ``kdbench``:
 * image AUROC, mean +- std over the support seeds, per task, printed as a table.
 
 The default run is a small budget (64 px, 10 training steps, K in {2, 4, 8}, support seeds 0-2, the
-``categories`` suite: 5 targets x 3 K x 2 models = 30 rows); on an idle 2-core CPU it took 18 min 38 s (peak RSS 4.5 GB);
-narrow it with ``--targets``/``--shots``. ``results.json`` is rewritten after every row and each run's
-folder (checkpoint) is deleted once scored (``--keep-checkpoints`` keeps them). ``--full`` selects the paper's settings (128 px, 70 epochs,
-batch 16, both suites, 5 seeds), which needs a GPU.
+``categories`` suite: 5 targets x 3 K x 2 models = 30 rows); on an idle 2-core CPU it took 18 min 38 s
+(peak RSS 4.5 GB). Narrow it with ``--targets``/``--shots``. ``results.json`` is rewritten after every
+row, and each run's folder (its checkpoint) is deleted once scored (``--keep-checkpoints`` keeps them).
+``--full`` selects the paper's settings (128 px, 70 epochs, batch 16, both suites, 5 seeds), which needs a
+GPU.
 
 Pretrained teacher weights are never downloaded: pass ``--weights-path`` (torchvision's
 ``wide_resnet50_2-95faca4d.pth`` or timm's ``wide_resnet50_2.tv_in1k`` file) or set
