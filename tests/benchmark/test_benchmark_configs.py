@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,21 @@ def _category_and_seed(job: dict) -> tuple[str, int]:
 
 def _jobs_of(config: dict) -> list[dict]:
     return list(get_iterator_from_grid_dict(config["benchmark"]))
+
+
+def test_patchcore_coreset_runs_with_fixed_mmap_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BudgetedPatchcore sets glibc's mmap threshold before anomalib's coreset loop (else: OOM at 24 GB)."""
+    import torch
+
+    from anomalib_kd.benchmark import models
+
+    assert models.use_fixed_mmap_threshold() is sys.platform.startswith("linux")
+    calls = []
+    monkeypatch.setattr(models, "use_fixed_mmap_threshold", lambda: calls.append("mallopt") or True)
+    model = models.BudgetedPatchcore(pre_trained=False, image_size=64, max_epochs=1)
+    model.model.train()
+    with torch.no_grad():
+        model.model(torch.rand(2, 3, 64, 64))  # a train-mode forward stores the patch embeddings
+    model.fit()
+    assert calls == ["mallopt"]
+    assert 0 < model.model.memory_bank.shape[0] < 2 * 8 * 8  # the coreset of 2 x 8x8 patches
