@@ -139,9 +139,10 @@ def find_result_files(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def _run_date(file: Path) -> str:
-    """When a results file was written: its anomalib run folder name, else the file's mtime."""
+    """When a results file was written: the date in its anomalib run folder's name (also found in a copy's
+    folder name, e.g. ``dhkd_brick_seed0_2026-12-02-14_47_07``), else the file's mtime."""
     for part in reversed(file.resolve().parts):
-        match = RUN_FOLDER_DATE.fullmatch(part)
+        match = RUN_FOLDER_DATE.search(part)
         if match:
             return f"{match[1]} {match[2]}:{match[3]}"
     return datetime.fromtimestamp(file.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
@@ -192,7 +193,12 @@ def _describe_args(row: pd.Series) -> str:
 
 
 def _label_categories(data: pd.DataFrame) -> pd.Series:
-    """The category (or few-shot target) of each job; prefixed by the datamodule when there are several."""
+    """The category (or few-shot target) of each job.
+
+    Prefixed by the datamodule only when one model ran on several datamodules; otherwise a category is one
+    column for all models (e.g. D24FAD's few-shot target beside the one-class runs on the same test set)
+    and ``render_markdown`` names each model's datamodule.
+    """
     data_names = (
         data["data.class_path"].map(short_model_name)
         if "data.class_path" in data.columns
@@ -202,7 +208,7 @@ def _label_categories(data: pd.DataFrame) -> pd.Series:
     for column in CATEGORY_COLUMNS:
         if column in data.columns:
             categories = categories.fillna(data[column].astype(object))
-    several = data_names.nunique() > 1
+    several = bool((data_names.groupby(data["model"]).nunique() > 1).any()) if "model" in data else False
     labels = []
     for data_name, category in zip(data_names, categories, strict=True):
         if pd.isna(category):
@@ -389,6 +395,28 @@ def _distinct(frame: pd.DataFrame, column: str) -> str:
     return ", ".join(values) if values else "unknown"
 
 
+def _sources(results: pd.DataFrame, listed: int = 4) -> str:
+    """The results files with their run dates; past ``listed`` files, their count, folder and date range."""
+    sources = results.drop_duplicates("source")
+    if len(sources) <= listed:
+        return "; ".join(f"`{row.source}` ({row.run_date})" for row in sources.itertuples())
+    folder = os.path.commonpath([str(Path(source).parent) for source in sources["source"]])
+    dates = sorted(sources["run_date"])
+    return f"{len(sources)} results CSVs under `{folder}` (runs dated {dates[0]} to {dates[-1]})"
+
+
+def _datamodules_line(results: pd.DataFrame) -> str:
+    """Which datamodule each model ran on, when they differ (e.g. few-shot vs one-class training)."""
+    if "data.class_path" not in results.columns:
+        return ""
+    names = results["data.class_path"].map(short_model_name)
+    if names.nunique() < 2:
+        return ""
+    groups = results.groupby(names, sort=True)["model"].unique()
+    used = "; ".join(f"{data} for {', '.join(sorted(models))}" for data, models in groups.items())
+    return f"Datamodules: {used}."
+
+
 def _weights_line(results: pd.DataFrame, speed: pd.DataFrame | None, note: str | None) -> str:
     if note:
         return f"Weights: {note}"
@@ -422,11 +450,9 @@ def render_markdown(
     summary = summarize(results)
     seeds = summary["n_seeds"]
     seed_text = f"{seeds.min()}" if seeds.min() == seeds.max() else f"{seeds.min()} to {seeds.max()}"
-    sources = results.drop_duplicates("source")
-    runs = "; ".join(f"`{row.source}` ({row.run_date})" for row in sources.itertuples())
     # A list, so the provenance lines stay separate lines once rendered.
     lines = [
-        f"- Accuracy: `anomalib benchmark`, {len(results)} jobs from {runs}; accelerator "
+        f"- Accuracy: `anomalib benchmark`, {len(results)} jobs from {_sources(results)}; accelerator "
         f"{_distinct(results, 'accelerator')}.",
     ]
     if speed is not None:
@@ -447,6 +473,9 @@ def render_markdown(
         "`mean`: mean of the category means (* = not every category was run); pixel AUROC: mean over "
         "categories.",
     ]
+    datamodules = _datamodules_line(results)
+    if datamodules:
+        lines[-1] += f" {datamodules}"
     if results.attrs.get("duplicates_dropped"):
         lines[-1] += f" {results.attrs['duplicates_dropped']} repeated job(s) ignored (the newest kept)."
     configs = _configurations(results)

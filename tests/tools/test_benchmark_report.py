@@ -301,3 +301,36 @@ def test_two_configurations_of_one_class_are_kept_apart(tmp_path: Path) -> None:
     summary = br.summarize(br.load_results([tmp_path]))
     assert set(summary["model"]) == {"URD (backbone=resnet18)", "URD (backbone=wide_resnet50_2)"}
     assert (summary.loc[summary["model"] == "URD (backbone=wide_resnet50_2)", "image_mean"] == 0.99).all()
+
+
+def test_run_date_from_a_copied_folder_name_not_the_mtime(tmp_path: Path) -> None:
+    copy = _write_csv(tmp_path / "suite" / "urd_brick_seed0_2026-11-20-10_05_00" / "results.csv", _rows(0))
+    plain = _write_csv(tmp_path / "plain" / "results.csv", _rows(1))
+    results = br.load_results([copy, plain])
+    dates = dict(zip(results["source"], results["run_date"], strict=True))
+    assert dates[str(copy)] == "2026-11-20 10:05"
+    assert dates[str(plain)] != "2026-11-20 10:05"  # no date in its path: the file's mtime (today)
+
+
+def test_models_on_different_datamodules_share_category_columns(tmp_path: Path) -> None:
+    one_class = _rows(1)
+    few_shot = [
+        {**row, "model.class_path": "D24FAD", "data.class_path": "FewShotTasks", "image_AUROC": 0.61}
+        for row in _rows(0)
+    ]
+    _write_csv(tmp_path / "a" / "results.csv", one_class)
+    _write_csv(tmp_path / "b" / "results.csv", few_shot)
+    markdown = br.render_markdown(br.load_results([tmp_path]))
+    table = _table(markdown, "model")
+    assert table["D24FAD"]["brick"] == "0.610 ± 0.000"
+    assert table["ReverseDistillation"]["brick"] != "-"
+    assert "Datamodules: FewShotTasks for D24FAD; Textures for ReverseDistillation." in markdown
+
+
+def test_many_results_files_are_summarised_by_folder_and_dates(tmp_path: Path) -> None:
+    for index, category in enumerate(CATEGORIES * 3):
+        rows = [{**row, "seed": index} for row in _rows(0) if row["data.init_args.category"] == category]
+        _write_csv(tmp_path / "suite" / f"urd_{category}_2026-11-2{index}-10_00_00" / "results.csv", rows)
+    markdown = br.render_markdown(br.load_results([tmp_path / "suite"]))
+    assert f"6 results CSVs under `{tmp_path / 'suite'}` (runs dated 2026-11-20 10:00 to 2026-11-25 10:00)" in markdown
+    assert "urd_brick_2026-11-20" not in markdown
