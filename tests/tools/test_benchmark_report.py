@@ -163,6 +163,10 @@ def test_speed_table_and_latency_join(runs: Path, speed_csv: Path, tmp_path: Pat
     urd_means = [statistics.mean(v) for v in _expected(0).values()]
     assert points.loc["URD", "image_mean"] == pytest.approx(statistics.mean(urd_means))
     assert points.loc["URD", "ov_ms_b1"] == 478.0
+    assert points["complete"].all()
+    urd_on_brick_only = results[(results["model"] != "URD") | (results["category"] == "brick")]
+    partial = br.latency_points(br.summarize(urd_on_brick_only), speed)
+    assert not partial.set_index("model").loc["URD", "complete"]
 
 
 def test_plots_are_valid_images(runs: Path, speed_csv: Path, tmp_path: Path) -> None:
@@ -332,5 +336,6 @@ def test_many_results_files_are_summarised_by_folder_and_dates(tmp_path: Path) -
         rows = [{**row, "seed": index} for row in _rows(0) if row["data.init_args.category"] == category]
         _write_csv(tmp_path / "suite" / f"urd_{category}_2026-11-2{index}-10_00_00" / "results.csv", rows)
     markdown = br.render_markdown(br.load_results([tmp_path / "suite"]))
-    assert f"6 results CSVs under `{tmp_path / 'suite'}` (runs dated 2026-11-20 10:00 to 2026-11-25 10:00)" in markdown
+    dates = "(runs dated 2026-11-20 10:00 to 2026-11-25 10:00)"
+    assert f"6 results CSVs under `{tmp_path / 'suite'}` {dates}" in markdown
     assert "urd_brick_2026-11-20" not in markdown
