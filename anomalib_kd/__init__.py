@@ -6,10 +6,9 @@ the package, which the start-up hook does in every interpreter of the environmen
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
 from ._registration import autoload, register_into_anomalib
+
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: the start-up hook imports this package
 
 __version__ = "0.1.0"
 
@@ -20,11 +19,10 @@ _LAZY = {
     "PDD": "anomalib_kd.models",
     "Textures": "anomalib_kd.data",
     "FewShotTasks": "anomalib_kd.data",
-    "KDBench": "anomalib_kd.data",
 }
 
 if TYPE_CHECKING:
-    from .data import FewShotTasks, KDBench, Textures
+    from .data import FewShotTasks, Textures
     from .models import D24FAD, DHKD, PDD, URD
 
 __all__ = [
@@ -33,15 +31,16 @@ __all__ = [
     "PDD",
     "URD",
     "FewShotTasks",
-    "KDBench",
     "Textures",
     "autoload",
     "register_into_anomalib",
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name in _LAZY:
+        import importlib
+
         return getattr(importlib.import_module(_LAZY[name]), name)
     msg = f"module 'anomalib_kd' has no attribute {name!r}"
     raise AttributeError(msg)

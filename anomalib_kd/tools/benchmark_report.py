@@ -28,7 +28,7 @@ import os
 import platform
 import re
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -106,13 +106,31 @@ def git_commit(path: str | Path | None = None) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+# What the benchmark harness (examples/benchmarks) changes in a baseline's behaviour: every report marks
+# the baseline (HARNESS_MARK) and says this under its table.
+HARNESS_CHANGES = {
+    "EfficientAd": "random PDN teacher unless a local teacher file is given; penalty images are "
+    "scikit-image's sample photos, not ImageNette",
+    "Patchcore": "run with MALLOC_MMAP_THRESHOLD_=1048576 (glibc allocator setting of the harness runner)",
+}
+HARNESS_MARK = "†"
+
+
 def short_model_name(class_path: str) -> str:
     """``anomalib_kd.models.dhkd.lightning_model.DHKD``, ``anomalib.models.DHKD``, ``BudgetedDHKD``: ``DHKD``.
 
-    ``Budgeted<Model>`` (:mod:`anomalib_kd.benchmark`) is the model itself with a training budget.
+    ``Budgeted<Model>`` (the benchmark harness's) is the model itself with a training budget; a baseline
+    the harness changes (:data:`HARNESS_CHANGES`) gets :data:`HARNESS_MARK`.
     """
     name = str(class_path).strip().rsplit(".", 1)[-1]
-    return name.removeprefix("Budgeted") or name
+    short = name.removeprefix("Budgeted") or name
+    return short + HARNESS_MARK if name.startswith("Budgeted") and short in HARNESS_CHANGES else short
+
+
+def harness_notes(models: Iterable[str]) -> list[str]:
+    """One line per harness-changed baseline among ``models`` (labels as in the tables)."""
+    bases = sorted({m.split(" (")[0].removesuffix(HARNESS_MARK) for m in models if HARNESS_MARK in m})
+    return [f"{HARNESS_MARK} {base}: harness change: {HARNESS_CHANGES[base]}." for base in bases]
 
 
 def speed_model_name(key: str) -> str:
@@ -474,6 +492,7 @@ def render_markdown(
         "`mean`: mean of the category means (* = not every category was run); pixel AUROC: mean over "
         "categories.",
     ]
+    lines += harness_notes(summary["model"])
     datamodules = _datamodules_line(results)
     if datamodules:
         lines[-1] += f" {datamodules}"

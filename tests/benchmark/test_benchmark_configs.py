@@ -1,5 +1,6 @@
-"""The benchmark suite: every ``configs/benchmark/*.yaml`` resolves through anomalib's own loaders, the
-budgeted models carry their budget, and a stock ``anomalib benchmark`` run works offline end to end."""
+"""The benchmark suite: every ``examples/benchmarks/configs/*.yaml`` resolves through anomalib's own loaders
+once the harness is registered, the budgeted models carry their budget, and the runner (anomalib's own
+benchmark) works offline end to end."""
 
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ from anomalib.models import get_model
 from anomalib.pipelines.components.utils import get_iterator_from_grid_dict
 
 from anomalib_kd import D24FAD, DHKD, PDD, URD
-from anomalib_kd.benchmark import BudgetedEfficientAd
 from anomalib_kd.data.kdbench import KDBENCH_CATEGORIES, KDBENCH_ENV
-from tests.helpers import console_script, make_tasks, run_cli
+from tests.helpers import make_tasks, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
-SUITE = sorted(p for p in (REPO / "configs" / "benchmark").glob("*.yaml") if p.stem != "urd_textures")
+BENCHMARKS = REPO / "examples" / "benchmarks"
+SUITE = sorted((BENCHMARKS / "configs").glob("*.yaml"))
+sys.path.insert(0, str(BENCHMARKS))
+from harness import BudgetedEfficientAd, register_harness  # noqa: E402
+
 EXPECTED = {"urd": URD, "dhkd": DHKD, "pdd": PDD, "d24fad": D24FAD, "efficientad": "EfficientAd",
             "reverse_distillation": "ReverseDistillation", "patchcore": "Patchcore"}  # fmt: skip
 
@@ -43,6 +47,7 @@ def test_suite_covers_every_model() -> None:
 @pytest.mark.parametrize("config", SUITE, ids=lambda p: p.stem)
 def test_config_resolves_every_job(config: Path, tiny_kdbench: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KDBENCH_ENV, str(tiny_kdbench))
+    register_harness()
     jobs = _jobs(config)
     assert len({job["seed"] for job in jobs}) >= 2, "several seeds"
     categories = {
@@ -77,7 +82,7 @@ def test_budget_overrides_only_the_trainer_arguments() -> None:
 @pytest.mark.slow
 def test_stock_benchmark_runs_efficientad_offline(tiny_kdbench: Path, tmp_path: Path) -> None:
     """anomalib would download EfficientAd's teacher and ImageNette: the budgeted class needs neither."""
-    job = yaml.safe_load((REPO / "configs" / "benchmark" / "efficientad.yaml").read_text())
+    job = yaml.safe_load((BENCHMARKS / "configs" / "efficientad.yaml").read_text())
     job["benchmark"]["seed"] = 7
     job["benchmark"]["model"]["init_args"]["limit_train_batches"] = 2
     job["benchmark"]["data"]["init_args"]["category"] = "brick"
@@ -85,7 +90,8 @@ def test_stock_benchmark_runs_efficientad_offline(tiny_kdbench: Path, tmp_path: 
     config.write_text(yaml.safe_dump(job))
     cache = tmp_path / "cache"
     env = {KDBENCH_ENV: str(tiny_kdbench), "ANOMALIB_KD_CACHE": str(cache)}
-    result = run_cli([console_script(), "benchmark", "--config", str(config)], cwd=tmp_path, env=env)
+    runner = [sys.executable, str(BENCHMARKS / "run_benchmark.py")]
+    result = run_cli([*runner, "--config", str(config)], cwd=tmp_path, env=env)
     csvs = list(tmp_path.glob("runs/benchmark/*/results.csv"))
     assert csvs, result.stdout[-3000:] + result.stderr[-3000:]
     rows = list(csv.DictReader(csvs[0].open()))
@@ -96,7 +102,7 @@ def test_stock_benchmark_runs_efficientad_offline(tiny_kdbench: Path, tmp_path: 
 
 
 def _load_suite() -> object:
-    spec = importlib.util.spec_from_file_location("suite", REPO / "examples" / "benchmarks" / "suite.py")
+    spec = importlib.util.spec_from_file_location("suite", BENCHMARKS / "suite.py")
     suite = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(suite)
     return suite
@@ -141,19 +147,30 @@ def _jobs_of(config: dict) -> list[dict]:
     return list(get_iterator_from_grid_dict(config["benchmark"]))
 
 
-def test_patchcore_coreset_runs_with_fixed_mmap_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
-    """BudgetedPatchcore sets glibc's mmap threshold before anomalib's coreset loop (else: OOM at 24 GB)."""
-    import torch
+def test_runner_jobs_get_the_allocator_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Patchcore's coreset loop needs glibc's fixed mmap threshold (else: OOM at 24 GB inside the
+    benchmark): the suite sets it in each job's environment, no model class touches the allocator."""
+    suite = _load_suite()
+    seen = []
+    monkeypatch.setattr(suite.subprocess, "call", lambda command, env, **_: seen.append((command, env)) or 1)
+    args = argparse.Namespace(
+        models=["patchcore"], seeds=[0], categories=["brick"], output=tmp_path, resume=False
+    )
+    suite.run_accuracy(args, env={"KEEP": "1"})
+    ((command, env),) = seen
+    assert command[1].endswith("run_benchmark.py")
+    assert env["MALLOC_MMAP_THRESHOLD_"] == str(1 << 20)
+    assert env["KEEP"] == "1"
+    assert "mallopt" not in (BENCHMARKS / "harness" / "models.py").read_text()
 
-    from anomalib_kd.benchmark import models
 
-    assert models.use_fixed_mmap_threshold() is sys.platform.startswith("linux")
-    calls = []
-    monkeypatch.setattr(models, "use_fixed_mmap_threshold", lambda: calls.append("mallopt") or True)
-    model = models.BudgetedPatchcore(pre_trained=False, image_size=64, max_epochs=1)
-    model.model.train()
-    with torch.no_grad():
-        model.model(torch.rand(2, 3, 64, 64))  # a train-mode forward stores the patch embeddings
-    model.fit()
-    assert calls == ["mallopt"]
-    assert 0 < model.model.memory_bank.shape[0] < 2 * 8 * 8  # the coreset of 2 x 8x8 patches
+def test_reports_mark_the_baselines_the_harness_changes() -> None:
+    from anomalib_kd.tools.benchmark_report import harness_notes, short_model_name
+
+    assert short_model_name("BudgetedEfficientAd") == "EfficientAd†"
+    assert short_model_name("EfficientAd") == "EfficientAd"  # a stock run is not marked
+    assert short_model_name("BudgetedDHKD") == "DHKD"
+    notes = harness_notes(["EfficientAd†", "Patchcore† (image_size=128)", "DHKD"])
+    assert len(notes) == 2
+    assert "random PDN teacher" in notes[0]
+    assert "MALLOC_MMAP_THRESHOLD_" in notes[1]

@@ -1,0 +1,50 @@
+"""Benchmark harness: budgeted models and the kdbench datamodule, registered only by the benchmark runner.
+
+Nothing here is registered into a user's anomalib: :func:`register_harness` is called by
+``examples/benchmarks/run_benchmark.py`` (which ``suite.py`` runs for every job) just before anomalib's
+benchmark starts.
+"""
+
+from __future__ import annotations
+
+from .models import (
+    BUDGETED_MODELS,
+    HARNESS_CHANGES,
+    BudgetedD24FAD,
+    BudgetedDHKD,
+    BudgetedEfficientAd,
+    BudgetedPatchcore,
+    BudgetedPDD,
+    BudgetedReverseDistillation,
+    BudgetedURD,
+    TrainingBudget,
+)
+
+__all__ = [
+    "BUDGETED_MODELS",
+    "HARNESS_CHANGES",
+    "BudgetedD24FAD",
+    "BudgetedDHKD",
+    "BudgetedEfficientAd",
+    "BudgetedPDD",
+    "BudgetedPatchcore",
+    "BudgetedReverseDistillation",
+    "BudgetedURD",
+    "TrainingBudget",
+    "register_harness",
+]
+
+HARNESS_DATAMODULES = {"KDBench": "anomalib_kd.data.kdbench:KDBench"}
+
+
+def register_harness() -> list[str]:
+    """Register this package's and the harness's classes into ``anomalib.models`` / ``anomalib.data``."""
+    import anomalib.data
+    import anomalib.models
+
+    from anomalib_kd import register_into_anomalib
+    from anomalib_kd._registration import register_classes
+
+    register_into_anomalib()
+    models = {cls.__name__: f"{cls.__module__}:{cls.__name__}" for cls in BUDGETED_MODELS}
+    return register_classes(anomalib.models, models) + register_classes(anomalib.data, HARNESS_DATAMODULES)
