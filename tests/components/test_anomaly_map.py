@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,3 +133,18 @@ def test_anomaly_map_values_on_a_hand_made_case() -> None:
     for (row, col), value in expected.items():
         assert anomaly_map[row, col].item() == pytest.approx(value, abs=1e-6), (row, col)
     assert anomaly_map.shape == (12, 12)
+
+
+def test_smoothing_exports_to_onnx_and_openvino(tmp_path: Path) -> None:
+    """The symmetric border is plain slicing / flip / concat: it survives anomalib's dynamo ONNX export."""
+    ov = pytest.importorskip("openvino")
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
+    smoothing = GaussianSmoothing(4.0)
+    onnx_path = tmp_path / "smoothing.onnx"
+    example = (torch.rand(2, 1, 64, 48),)
+    torch.onnx.export(smoothing, example, str(onnx_path), dynamo=True, dynamic_shapes=(dims,))
+    ir = ov.convert_model(onnx_path)
+    compiled = ov.Core().compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    maps = torch.rand(3, 1, 40, 72)  # another batch and size than the export example
+    exported = compiled(maps.numpy())[0]
+    np.testing.assert_allclose(exported, smoothing(maps).numpy(), rtol=0, atol=1e-6)
