@@ -148,3 +148,48 @@ def test_smoothing_exports_to_onnx_and_openvino(tmp_path: Path) -> None:
     maps = torch.rand(3, 1, 40, 72)  # another batch and size than the export example
     exported = compiled(maps.numpy())[0]
     np.testing.assert_allclose(exported, smoothing(maps).numpy(), rtol=0, atol=1e-6)
+
+
+def test_levels_are_upsampled_bilinearly_with_aligned_corners() -> None:
+    """One 3x3 level, distances by column (0, 0.5, 1.5), to 12x12 with ``align_corners=True`` (official).
+
+    Output column j samples input x = 2 j / 11; away from the kink at x = 1 and from the border the
+    linear profile passes the symmetric Gaussian unchanged: 0.5 x for x <= 1, 0.5 + (x - 1) above.
+    """
+    distances = torch.tensor([0.0, 0.5, 1.5])
+    angle = torch.acos(1 - distances).expand(3, 3)
+    student, target = _unit_vectors(torch.zeros(3, 3)), _unit_vectors(angle)
+    anomaly_map = AnomalyMapGenerator(sigma=0.5)([student], [target], (12, 12))[0, 0]
+    for row in (0, 6, 11):
+        assert anomaly_map[row, 2].item() == pytest.approx(0.5 * 4 / 11, abs=1e-6)
+        assert anomaly_map[row, 9].item() == pytest.approx(0.5 + 7 / 11, abs=1e-6)
+
+
+def _official_smoothing(model_name: str) -> tuple[GaussianSmoothing, float]:
+    """Each model's smoothing module as built by default, and the official sigma (specs)."""
+    if model_name == "dhkd":
+        from anomalib_kd.models.dhkd import DHKDModel
+
+        return DHKDModel(image_size=64).blur, 2.0
+    if model_name == "pdd":
+        from anomalib_kd.models.pdd import PDDModel
+
+        model = PDDModel(backbone="resnet18", vmamba_depths=(1, 1, 1, 1), vmamba_dims=(8, 16, 32, 64))
+        return model.anomaly_map_generator.blur, 4.0
+    if model_name == "d24fad":
+        from anomalib_kd.models.d24fad import D24FADModel
+
+        return D24FADModel(backbone="resnet18").anomaly_map_generator.blur, 4.0
+    from anomalib_kd.models.urd import URDModel
+
+    return URDModel(backbone="resnet18").anomaly_map_generator.blur, 4.0
+
+
+@pytest.mark.parametrize("model_name", ["urd", "pdd", "d24fad", "dhkd"])
+def test_every_model_smooths_with_the_official_sigma_and_border(model_name: str) -> None:
+    smoothing, sigma = _official_smoothing(model_name)
+    torch.manual_seed(3)
+    maps = torch.rand(1, 1, 48, 40)
+    np.testing.assert_allclose(
+        smoothing(maps)[0, 0].numpy(), reference_blur(maps[0, 0].numpy(), sigma), rtol=0, atol=1e-6
+    )
