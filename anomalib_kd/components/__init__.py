@@ -1,1 +1,1 @@
-"""Shared parts: offline backbones, anomaly synthesis, selective scan / SS2D / VMamba."""
+"""Shared parts: offline backbones, anomaly synthesis, anomaly maps / smoothing, selective scan, VMamba."""

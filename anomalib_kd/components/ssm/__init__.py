@@ -9,8 +9,6 @@ from .selective_scan import auto_chunk_size, mamba_ssm_available, selective_scan
 from .ss2d import SS2D, cross_merge, cross_scan
 from .vmamba import (
     VMAMBA_TINY_CHECKPOINT,
-    DropPath,
-    PatchMerge,
     VMambaTiny,
     VSSBlock,
     convert_vmamba_v0_state_dict,
@@ -20,8 +18,6 @@ from .vmamba import (
 __all__ = [
     "SS2D",
     "VMAMBA_TINY_CHECKPOINT",
-    "DropPath",
-    "PatchMerge",
     "VMambaTiny",
     "VSSBlock",
     "auto_chunk_size",

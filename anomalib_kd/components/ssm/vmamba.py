@@ -3,30 +3,34 @@
 Architecture (MzeroMiko/VMamba ``vanilla_vmamba_tiny``, ``forward_type="v0"``, ``mlp_ratio=0``):
 patch embed (4x4 conv, LayerNorm) -> 4 stages of ``VSSBlock`` (x + DropPath(SS2D(LN(x)))), depths
 (2, 2, 9, 2), dims (96, 192, 384, 768), each stage but the last followed by Swin patch merging
-(2x2 neighbours concatenated, LayerNorm(4C), Linear(4C -> 2C)). Channels-last inside, like VMamba.
+(torchvision's ``PatchMerging``: 2x2 neighbours concatenated, LayerNorm(4C), Linear(4C -> 2C)).
+Channels-last inside, like VMamba. Stochastic depth is timm's ``DropPath``.
 
 Module names reproduce the official model after its own v0 key renames (``patch_embed.0/2``,
-``layers.i.blocks.j.norm/op``, ``layers.i.downsample.1/2``), see :func:`convert_vmamba_v0_state_dict`.
+``layers.i.blocks.j.norm/op``), see :func:`convert_vmamba_v0_state_dict`; the patch merging keeps the
+checkpoint's own names ``layers.i.downsample.norm/reduction``.
 """
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from timm.layers import DropPath
 from torch import Tensor, nn
+from torchvision.models.swin_transformer import PatchMerging
 
 from .ss2d import SS2D
 
 __all__ = [
     "VMAMBA_TINY_CHECKPOINT",
-    "DropPath",
-    "PatchMerge",
     "VMambaTiny",
     "VSSBlock",
     "convert_vmamba_v0_state_dict",
@@ -37,25 +41,6 @@ VMAMBA_TINY_CHECKPOINT = "vssmtiny_dp01_ckpt_epoch_292.pth"
 _VMAMBA_TINY_URL = (
     "https://github.com/MzeroMiko/VMamba/releases/download/%23v0cls/vssmtiny_dp01_ckpt_epoch_292.pth"
 )
-
-
-class DropPath(nn.Module):
-    """Stochastic depth (Huang et al. 2016): drop the whole residual branch per sample while training."""
-
-    def __init__(self, drop_prob: float = 0.0) -> None:
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Identity in eval; in training keep each sample with prob ``1 - p`` and rescale by ``1/(1-p)``."""
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob}"
 
 
 class Permute(nn.Module):
@@ -69,25 +54,11 @@ class Permute(nn.Module):
         return x.permute(*self.dims)
 
 
-class PatchMerge(nn.Module):
-    """Swin 2x2 patch merging without weights, channels-last ``(B, H, W, C) -> (B, H/2, W/2, 4C)``.
-
-    Neighbours are concatenated as (even row, even col), (odd row, even col), (even row, odd col),
-    (odd row, odd col): the order the pretrained ``Linear(4C, 2C)`` expects. Odd sizes are zero-padded.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        height, width = x.shape[1], x.shape[2]
-        if height % 2 or width % 2:
-            x = nn.functional.pad(x, (0, 0, 0, width % 2, 0, height % 2))
-        parts = [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]]
-        return torch.cat(parts, dim=-1)
-
-
 class VSSBlock(nn.Module):
     """VMamba block without MLP: ``x + DropPath(SS2D(LayerNorm(x)))``, channels-last.
 
-    Also DHKD's STMBlock (``VSSBlock(64)``). Extra keyword arguments go to :class:`SS2D`.
+    Also DHKD's ``STMBlock`` (MTMamba's VSS block with ``mlp_ratio=0``, used as ``VSSBlock(64)`` with no
+    drop path). Extra keyword arguments go to :class:`SS2D`.
     """
 
     def __init__(self, hidden_dim: int, drop_path: float = 0.0, **ss2d_kwargs: object) -> None:
@@ -137,6 +108,9 @@ class VMambaTiny(nn.Module):
             Permute(0, 2, 3, 1),
             nn.LayerNorm(dims[0]),
         )
+        if any(nxt != 2 * dim for dim, nxt in itertools.pairwise(dims)):
+            msg = f"VMambaTiny: patch merging doubles the channels, so dims must double per stage, got {dims}"
+            raise ValueError(msg)
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.layers = nn.ModuleList()
         start = 0
@@ -154,13 +128,7 @@ class VMambaTiny(nn.Module):
                 )
             )
             start += depth
-            downsample: nn.Module = (
-                nn.Sequential(
-                    PatchMerge(), nn.LayerNorm(4 * dim), nn.Linear(4 * dim, dims[i + 1], bias=False)
-                )
-                if i < len(depths) - 1
-                else nn.Identity()
-            )
+            downsample: nn.Module = PatchMerging(dim) if i < len(depths) - 1 else nn.Identity()
             self.layers.append(nn.Sequential(OrderedDict(blocks=blocks, downsample=downsample)))
         self.apply(self._init_weights)
 
@@ -176,6 +144,17 @@ class VMambaTiny(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # Checkpoints written before the switch to torchvision's PatchMerging name its LayerNorm and
+        # Linear ``downsample.1`` / ``downsample.2``; rename them to ``downsample.norm`` / ``.reduction``.
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            new = prefix + _rename_legacy_downsample(key[len(prefix) :])
+            if new != key:
+                state_dict[new] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: Tensor) -> list[Tensor]:
         """``(B, 3, H, W)`` -> ``[z0, z1, z2, z3]``, NCHW, each after stage ``i``'s blocks and merging."""
         x = self.patch_embed(x)
@@ -186,32 +165,45 @@ class VMambaTiny(nn.Module):
         return features
 
 
-# Official v0 names -> this module's names (PDD's/VMamba's own rename list); prefix matches.
+# Official v0 names -> this module's names (PDD's/VMamba's own rename list minus the patch-merging
+# renames: torchvision's PatchMerging has the checkpoint's own ``downsample.norm/reduction``); prefix matches.
 _V0_RENAMES: tuple[tuple[str, str], ...] = (
     (r"^patch_embed\.proj\.", "patch_embed.0."),
     (r"^patch_embed\.norm\.", "patch_embed.2."),
     (r"^(layers\.\d+\.blocks\.\d+\.)ln_1\.", r"\1norm."),
     (r"^(layers\.\d+\.blocks\.\d+\.)self_attention\.", r"\1op."),
-    (r"^(layers\.\d+\.downsample\.)norm\.", r"\g<1>1."),
-    (r"^(layers\.\d+\.downsample\.)reduction\.", r"\g<1>2."),
     (r"^norm\.", "classifier.norm."),
     (r"^head\.", "classifier.head."),
 )
+
+
+# This package's earlier names of the patch-merging LayerNorm / Linear (a Sequential's indices 1 / 2).
+_LEGACY_DOWNSAMPLE_RENAMES: tuple[tuple[str, str], ...] = (
+    (r"^(layers\.\d+\.downsample\.)1\.", r"\1norm."),
+    (r"^(layers\.\d+\.downsample\.)2\.", r"\1reduction."),
+)
+
+
+def _rename_legacy_downsample(key: str) -> str:
+    for pattern, repl in _LEGACY_DOWNSAMPLE_RENAMES:
+        key = re.sub(pattern, repl, key)
+    return key
 
 
 def convert_vmamba_v0_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Rename an official VMamba v0 state dict to this module's keys (already-new keys pass unchanged).
 
     ``patch_embed.proj/norm -> patch_embed.0/2``, ``ln_1 -> norm``, ``self_attention -> op``,
-    ``downsample.norm/reduction -> downsample.1/2``, ``norm/head -> classifier.norm/head``; a DDP
-    ``module.`` prefix is stripped.
+    ``norm/head -> classifier.norm/head``; ``downsample.norm/reduction`` keep their names; a DDP
+    ``module.`` prefix is stripped, and this package's earlier ``downsample.1/2`` become
+    ``downsample.norm/reduction``.
     """
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
         new = key.removeprefix("module.")
         for pattern, repl in _V0_RENAMES:
             new = re.sub(pattern, repl, new)
-        out[new] = value
+        out[_rename_legacy_downsample(new)] = value
     return out
 
 

@@ -24,9 +24,9 @@ from anomalib.data import InferenceBatch
 from anomalib.models.components.backbone.resnet_decoder import get_decoder
 from torch import nn
 
+from anomalib_kd.components.anomaly_map import AnomalyMapGenerator
 from anomalib_kd.components.backbones import create_feature_extractor, load_pretrained_backbone
 from anomalib_kd.components.normalization import ImageNetNormalize
-from anomalib_kd.models.urd.anomaly_map import AnomalyMapGenerator
 
 TEACHER_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 SCORE_MODES = ("max", "mean")

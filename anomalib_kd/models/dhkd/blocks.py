@@ -6,13 +6,15 @@ module that defines the Mamba pieces; where the spec marks a detail as inferred,
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_kd.components.ssm import SS2D
+from anomalib_kd.components.ssm import VSSBlock
 
-__all__ = ["CCM", "HSTM", "SCMM", "SCMMBlock", "STMBlock"]
+__all__ = ["CCM", "HSTM", "SCMM", "SCMMBlock"]
 
 
 class CCM(nn.Module):
@@ -71,33 +73,16 @@ class SCMMBlock(nn.Module):
         return x + self.scmm(x)
 
 
-class STMBlock(nn.Module):
-    """VSS block without MLP (MTMamba ``STMBlock`` with ``mlp_ratio=0``): ``z + SS2D(LayerNorm(z))``.
-
-    Channels-last ``(B, H, W, C)``. Drop path is the identity (the official ``drop_path=16`` is either an
-    identity or a crash depending on the timm version; spec 1.1).
-    """
-
-    def __init__(
-        self, dim: int = 64, d_state: int = 16, ssm_ratio: float = 2.0, chunk_size: int | None = None
-    ) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=1e-5)
-        self.ss2d = SS2D(
-            d_model=dim, d_state=d_state, ssm_ratio=ssm_ratio, dt_rank="auto", chunk_size=chunk_size
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.ss2d(self.norm(x))
-
-
 class HSTM(nn.Module):
     """Hybrid Self-Task Mamba module (code ``InceptionDWConv2d``), spec 1.4.4.
 
     Input ``(B, C, H, W)`` is split in halves. The first half goes channels-last through a per-pixel
     bias-free Linear ``C/2 -> C`` (the missing ``PatchExpand``; **inferred** as same-resolution, no
-    LayerNorm), a Linear ``C -> C/2`` with bias (``concat_layers``) and an :class:`STMBlock`. The second
-    half goes through a full 3x3 conv. The halves are concatenated and passed through a ReLU.
+    LayerNorm), a Linear ``C -> C/2`` with bias (``concat_layers``) and MTMamba's ``STMBlock`` with
+    ``mlp_ratio=0``, which is VMamba's VSS block ``z + SS2D(LayerNorm(z))``
+    (:class:`~anomalib_kd.components.ssm.VSSBlock`). Its drop path is the identity: the official
+    ``drop_path=16`` is an identity or a crash depending on the timm version (spec 1.1). The second half
+    goes through a full 3x3 conv. The halves are concatenated and passed through a ReLU.
     """
 
     def __init__(
@@ -110,9 +95,18 @@ class HSTM(nn.Module):
         half = channels // 2
         self.expand = nn.Linear(half, channels, bias=False)
         self.concat = nn.Linear(channels, half)
-        self.stm = STMBlock(half, d_state=d_state, ssm_ratio=ssm_ratio, chunk_size=chunk_size)
+        self.stm = VSSBlock(half, d_state=d_state, ssm_ratio=ssm_ratio, chunk_size=chunk_size)
         self.conv = nn.Conv2d(half, half, kernel_size=3, padding=1)
         self.act = nn.ReLU()
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # Checkpoints from before the shared VSSBlock name the block's SS2D ``stm.ss2d``; it is ``stm.op``.
+        old = prefix + "stm.ss2d."
+        for key in [k for k in state_dict if k.startswith(old)]:
+            state_dict[prefix + "stm.op." + key[len(old) :]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         mamba, conv = x.chunk(2, dim=1)

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 from anomalib.data import InferenceBatch
-from anomalib.models.components import GaussianBlur2d
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
+from anomalib_kd.components.anomaly_map import GaussianSmoothing
 from anomalib_kd.components.normalization import ImageNetNormalize
 
 from .blocks import CCM, HSTM, SCMMBlock
@@ -200,14 +200,8 @@ class DHKDModel(nn.Module):
         self.student = DHKDStudent(
             out_channels, dropout=dropout, image_size=image_size, chunk_size=chunk_size
         )
-        # scipy.ndimage.gaussian_filter's default support (truncate=4): radius int(4 sigma + 0.5).
-        self.blur = (
-            GaussianBlur2d(
-                sigma=smoothing_sigma, channels=1, kernel_size=2 * int(4 * smoothing_sigma + 0.5) + 1
-            )
-            if smoothing_sigma > 0
-            else None
-        )
+        # scipy.ndimage.gaussian_filter(sigma) as in the official TIFF maps (truncate 4, reflect border).
+        self.blur = GaussianSmoothing(smoothing_sigma) if smoothing_sigma > 0 else None
         self.normalize = ImageNetNormalize()
         self.register_buffer("teacher_mean", torch.zeros(1, out_channels, 1, 1))
         self.register_buffer("teacher_std", torch.ones(1, out_channels, 1, 1))

@@ -31,6 +31,7 @@ from anomalib.models.components.backbone.resnet_decoder import (
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from anomalib_kd.components.anomaly_map import AnomalyMapGenerator
 from anomalib_kd.components.backbones import (
     WEIGHTS_ENV,
     MissingWeightsError,
@@ -39,7 +40,6 @@ from anomalib_kd.components.backbones import (
 )
 from anomalib_kd.components.normalization import ImageNetNormalize
 from anomalib_kd.components.ssm import VMAMBA_TINY_CHECKPOINT, VMambaTiny, load_vmamba_checkpoint
-from anomalib_kd.models.urd.anomaly_map import AnomalyMapGenerator
 
 WRN_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 N_LEVELS = 3

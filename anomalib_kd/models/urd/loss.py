@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from .anomaly_map import cosine_distance_map
+from anomalib_kd.components.anomaly_map import cosine_distance_map
 
 Features = Sequence[torch.Tensor]
 

@@ -17,10 +17,9 @@ from anomalib.models.image.reverse_distillation.components import get_bottleneck
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from anomalib_kd.components.anomaly_map import AnomalyMapGenerator
 from anomalib_kd.components.backbones import create_feature_extractor, load_pretrained_backbone
 from anomalib_kd.components.normalization import ImageNetNormalize
-
-from .anomaly_map import AnomalyMapGenerator
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
