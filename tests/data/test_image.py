@@ -122,10 +122,10 @@ def test_unreadable_files_raise_an_error_naming_the_file(tmp_path: Path) -> None
     cv2.imwrite(str(truncated16), ct_slice((64, 64)))
     truncated16.write_bytes(truncated16.read_bytes()[:200])
     for path, reason in (
-        (truncated, "truncated"),
-        (truncated16, "truncated"),
-        (empty, "empty"),
-        (text, "cannot identify"),
+        (truncated, "image file is truncated"),
+        (truncated16, "image file is truncated"),
+        (empty, r"the file is empty \(0 bytes\)"),
+        (text, "cannot identify image file"),
     ):
         with pytest.raises(ImageReadError, match=re.escape(str(path)) + ".*" + reason):
             read_image(path)
