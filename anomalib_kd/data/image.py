@@ -45,6 +45,7 @@ __all__ = [
     "WINDOWS",
     "ImageReadError",
     "Window",
+    "bits_per_sample",
     "check_image",
     "check_percentiles",
     "check_window",
@@ -153,6 +154,17 @@ def _bits_per_sample(path: Path, image: PILImage.Image) -> int:
         bits = image.tag_v2.get(258, (8,))  # BitsPerSample
         return max(int(b) for b in (bits if isinstance(bits, tuple | list) else (bits,)))
     return 8
+
+
+def bits_per_sample(path: str | Path) -> int:
+    """Bits per sample stored in the image file ``path`` (8 for ordinary images, 16 for CT/MRI PNG/TIFF)."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        with PILImage.open(path) as image:
+            return _bits_per_sample(path, image)
+    except Exception as error:
+        raise _read_error(path, error) from error
 
 
 def _to_unit_range(
