@@ -1,7 +1,18 @@
-"""anomalib-kd datamodules."""
+"""anomalib-kd datamodules and the image reader they share (16-bit images at full range)."""
 
 from .fewshot import FewShotTasks
-from .kdbench import KDBench
+from .high_bit_depth import HighBitDepthFolder, HighBitDepthMVTecAD
+from .image import ImageReadError, read_image
+from .kdbench import KDBench, KDBenchTasks
 from .textures import Textures
 
-__all__ = ["FewShotTasks", "KDBench", "Textures"]
+__all__ = [
+    "FewShotTasks",
+    "HighBitDepthFolder",
+    "HighBitDepthMVTecAD",
+    "ImageReadError",
+    "KDBench",
+    "KDBenchTasks",
+    "Textures",
+    "read_image",
+]

@@ -24,9 +24,14 @@ holds out one ``target`` task and works in one of two modes:
     :meth:`support_images` returns), as an ordinary anomalib dataset: any one-class model (URD,
     ReverseDistillation, PatchCore, ...) trains on it unchanged.
 
+Images are read with :func:`~anomalib_kd.data.image.read_image`: 8-bit files as anomalib reads them,
+16-bit grayscale (CT, MRI, X-ray) at full range through ``window``. Tasks may mix image sizes and
+gray/RGB files: every image is read as RGB, and images of different sizes in one episode or batch are
+resized to the largest, as anomalib's collate does (the model's resize normally makes them equal first).
+
 Example:
     >>> from anomalib_kd.data.fewshot import FewShotTasks
-    >>> datamodule = FewShotTasks(root="../shared/data/kdbench", target="brick", k_shot=4)
+    >>> datamodule = FewShotTasks(root="datasets/my_tasks", target="brick", k_shot=4)
     >>> datamodule.setup()                                          # doctest: +SKIP
     >>> datamodule.support_images("brick").shape                    # doctest: +SKIP
     torch.Size([4, 3, 256, 256])
@@ -34,7 +39,7 @@ Example:
     From the command line::
 
         anomalib train --model anomalib_kd.models.d24fad.D24FAD \\
-            --data anomalib_kd.data.fewshot.FewShotTasks --data.root ../shared/data/kdbench \\
+            --data anomalib_kd.data.fewshot.FewShotTasks --data.root datasets/my_tasks \\
             --data.target brick --data.k_shot 4
 """
 
@@ -52,13 +57,20 @@ from anomalib import TaskType
 from anomalib.data.datamodules.base.image import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import LabelName, ValSplitMode
-from anomalib.data.utils.image import read_image
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import Transform
 from torchvision.transforms.v2.functional import resize
 
-from .kdbench import resolve_kdbench_root
+from .high_bit_depth import ImageReaderMixin
+from .image import (
+    DEFAULT_PERCENTILES,
+    Window,
+    check_image,
+    check_percentiles,
+    check_window,
+    image_files,
+    read_image,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,26 +83,17 @@ __all__ = [
     "FewShotTasks",
     "TaskInfo",
     "discover_tasks",
+    "largest_shape",
+    "resize_to_common",
     "sample_supports",
     "scan_task",
 ]
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".bmp",
-    ".tif",
-    ".tiff",
-    ".webp",
-    ".ppm",
-    ".pgm",
-)
 MODES = ("episodic", "one_class")
 
 
 class FewShotDataError(ValueError):
-    """Bad few-shot data: missing folder, no normals, K too large, mixed image sizes or channels."""
+    """Bad few-shot data: missing folder or root, no normals, K too large, an unreadable image."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,42 +109,48 @@ class TaskInfo:
     path: Path
     normals: list[str]
     test_samples: pd.DataFrame
-    image_size: tuple[int, int]  # (width, height) as PIL reports it
-    channels: int
 
 
 def _images_in(folder: Path) -> list[str]:
-    return sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """Image files under ``folder`` (anomalib's extension list), or none."""
+    try:
+        return [str(path) for path in image_files(folder)]
+    except FileNotFoundError:
+        return []
 
 
-def _check_uniform(task: str, paths: Sequence[str]) -> tuple[tuple[int, int], int]:
-    """All images of a task must share one size and channel count (header reads only)."""
-    reference: tuple[tuple[int, int], int] | None = None
-    reference_path = ""
+def _check_readable(task: str, paths: Sequence[str]) -> None:
+    """Open every image's header, so an unreadable file fails at setup, named, not mid-epoch."""
     for path in paths:
         try:
-            with Image.open(path) as image:
-                current = (image.size, len(image.getbands()))
+            check_image(path)
         except OSError as error:
-            msg = f"Task '{task}': cannot read image {path}: {error}"
+            msg = f"Task '{task}': {error}"
             raise FewShotDataError(msg) from error
-        if reference is None:
-            reference, reference_path = current, path
-        elif current != reference:
-            kind = "sizes" if current[0] != reference[0] else "channels"
-            msg = (
-                f"Task '{task}' mixes image {kind}: {path} is {current[0][0]}x{current[0][1]} with "
-                f"{current[1]} channel(s) but {reference_path} is {reference[0][0]}x{reference[0][1]} with "
-                f"{reference[1]} channel(s). Every image of a task must have the same size and channels "
-                "(resize/convert the folder first)."
-            )
-            raise FewShotDataError(msg)
-    assert reference is not None
-    return reference
+
+
+def largest_shape(shapes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The (H, W) holding the largest side, anomalib's choice when a batch mixes sizes."""
+    index = max(range(2 * len(shapes)), key=lambda i: shapes[i // 2][i % 2])
+    return tuple(shapes[index // 2])
+
+
+def resize_to_common(images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Images (or stacks) resized to :func:`largest_shape` of their sizes when the sizes differ."""
+    shapes = [tuple(int(side) for side in image.shape[-2:]) for image in images]
+    if len(set(shapes)) == 1:
+        return list(images)
+    size = list(largest_shape(shapes))
+    return [
+        image if list(image.shape[-2:]) == size else resize(image, size, antialias=True) for image in images
+    ]
 
 
 def scan_task(name: str, path: str | Path, check_images: bool = True) -> TaskInfo:
-    """Read the file lists of one MVTec-layout task, with clear errors naming task and path."""
+    """Read the file lists of one MVTec-layout task, with clear errors naming task and path.
+
+    ``check_images``: open every image's header now (an unreadable file fails here, named).
+    """
     path = Path(path).expanduser()
     if not path.is_dir():
         msg = f"Task '{name}': folder {path} does not exist."
@@ -152,7 +161,7 @@ def scan_task(name: str, path: str | Path, check_images: bool = True) -> TaskInf
         raise FewShotDataError(msg)
     normals = _images_in(normal_dir)
     if not normals:
-        msg = f"Task '{name}' has no normal images: {normal_dir} holds no {'/'.join(IMAGE_EXTENSIONS)} file."
+        msg = f"Task '{name}' has no normal images: {normal_dir} holds no image file."
         raise FewShotDataError(msg)
 
     rows = []
@@ -186,8 +195,9 @@ def scan_task(name: str, path: str | Path, check_images: bool = True) -> TaskInf
     segmentation = len(abnormal) > 0 and bool((abnormal.mask_path != "").all())
     samples.attrs["task"] = TaskType.SEGMENTATION if segmentation else TaskType.CLASSIFICATION
 
-    size, channels = _check_uniform(name, [*normals, *samples.image_path]) if check_images else ((0, 0), 0)
-    return TaskInfo(name, path, normals, samples, size, channels)
+    if check_images:
+        _check_readable(name, [*normals, *samples.image_path])
+    return TaskInfo(name, path, normals, samples)
 
 
 def discover_tasks(root: str | Path) -> dict[str, Path]:
@@ -263,13 +273,8 @@ class EpisodeBatch:
     @classmethod
     def collate(cls, items: Sequence[EpisodeItem]) -> EpisodeBatch:
         """Stack episodes; tasks of different sizes are resized to the largest (as anomalib's collate)."""
-        sizes = {tuple(item.image.shape[-2:]) for item in items}
-        images = [item.image for item in items]
-        supports = [item.support for item in items]
-        if len(sizes) > 1:
-            size = max(sizes)
-            images = [resize(image, list(size), antialias=True) for image in images]
-            supports = [resize(support, list(size), antialias=True) for support in supports]
+        common = resize_to_common([*(item.image for item in items), *(item.support for item in items)])
+        images, supports = common[: len(items)], common[len(items) :]
         return cls(
             image=torch.stack(images),
             support=torch.stack(supports),
@@ -295,6 +300,8 @@ class EpisodicDataset(Dataset):
         augmentations: transform applied to the query and to each support (the datamodule appends
             the model's Resize, as for any anomalib dataset).
         task_type: reported ``task`` (that of the target's test set).
+        window, percentiles: how images with more than 8 bits per sample map to [0, 1]
+            (:func:`~anomalib_kd.data.image.read_image`).
     """
 
     def __init__(
@@ -305,8 +312,12 @@ class EpisodicDataset(Dataset):
         resample: bool = False,
         augmentations: Transform | None = None,
         task_type: TaskType = TaskType.CLASSIFICATION,
+        window: Window | Sequence[float] = "dtype",
+        percentiles: Sequence[float] = DEFAULT_PERCENTILES,
     ) -> None:
         super().__init__()
+        self.window = check_window(window)
+        self.percentiles = check_percentiles(percentiles)
         if not tasks:
             msg = "Episodic training needs at least one training task besides the target."
             raise FewShotDataError(msg)
@@ -345,16 +356,17 @@ class EpisodicDataset(Dataset):
         return sorted(int(i) + int(i >= query) for i in pool)  # skip the query's own index
 
     def _load(self, path: str) -> torch.Tensor:
-        image = read_image(path, as_tensor=True)
+        image = read_image(path, window=self.window, percentiles=self.percentiles)
         return self.augmentations(image) if self.augmentations else image
 
     def __getitem__(self, index: int) -> EpisodeItem:
         name, query, _ = self.episodes[index]
         normals = self.tasks[name].normals
         support_paths = [normals[i] for i in self.support_indices(index)]
+        image, *supports = resize_to_common([self._load(p) for p in [normals[query], *support_paths]])
         return EpisodeItem(
-            image=self._load(normals[query]),
-            support=torch.stack([self._load(p) for p in support_paths]),
+            image=image,
+            support=torch.stack(supports),
             task=name,
             image_path=normals[query],
             support_paths=support_paths,
@@ -365,11 +377,22 @@ class EpisodicDataset(Dataset):
         return EpisodeBatch.collate
 
 
-class FewShotTaskDataset(AnomalibDataset):
-    """An ordinary anomalib dataset over given samples of one task (test set or k-shot normals)."""
+class FewShotTaskDataset(ImageReaderMixin, AnomalibDataset):
+    """An ordinary anomalib dataset over given samples of one task (test set or k-shot normals).
 
-    def __init__(self, task: str, samples: pd.DataFrame, augmentations: Transform | None = None) -> None:
+    Read with :func:`~anomalib_kd.data.image.read_image` (``window``, ``percentiles``).
+    """
+
+    def __init__(
+        self,
+        task: str,
+        samples: pd.DataFrame,
+        augmentations: Transform | None = None,
+        window: Window | Sequence[float] = "dtype",
+        percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+    ) -> None:
         super().__init__(augmentations=augmentations)
+        self.configure_reader(window, percentiles)
         self.task_name = task
         self.category = task
         self.samples = samples
@@ -384,8 +407,8 @@ class FewShotTasks(AnomalibDataModule):
     """Leave-one-task-out few-shot datamodule (episodic) and its k-shot one-class variant.
 
     Args:
-        root: folder holding the tasks (each sub-folder with a ``train`` folder is a task); ``None``:
-            kdbench, found as :func:`~anomalib_kd.data.kdbench.resolve_kdbench_root` does.
+        root: folder holding the tasks (each sub-folder with a ``train`` folder is a task). Required
+            (kdbench's search: :class:`~anomalib_kd.data.kdbench.KDBenchTasks`).
         target: held-out task tested on (its K supports come from its ``train/good``). ``None`` is
             accepted only when ``root`` holds a single task... which leaves nothing to train on in
             episodic mode, so normally give it.
@@ -404,12 +427,19 @@ class FewShotTasks(AnomalibDataModule):
             the thresholds/normalisation of the post-processor.
         val_split_ratio: share of the test set used for validation with ``"from_test"``.
         seed: seed of the validation split.
-        check_images: read every image header to reject mixed sizes/channels within a task.
+        check_images: open every image's header at setup, so an unreadable file fails then, named.
+        window: how images with more than 8 bits per sample (16-bit CT/MRI/X-ray) map to [0, 1]:
+            ``"dtype"`` (default: the stored type's full range), ``"percentile"`` (per image) or a
+            fixed ``(low, high)`` window of raw values (:mod:`anomalib_kd.data.image`).
+        percentiles: the per-image percentiles of ``window="percentile"``.
+
+    Raises:
+        FewShotDataError: ``root`` is ``None`` (and, at setup, bad task folders or images).
     """
 
     def __init__(
         self,
-        root: str | Path | None = None,
+        root: str | Path,
         target: str | None = None,
         tasks: list[str] | dict[str, str] | list[list[str]] | None = None,
         k_shot: int = 4,
@@ -427,6 +457,8 @@ class FewShotTasks(AnomalibDataModule):
         val_split_ratio: float = 0.5,
         seed: int | None = None,
         check_images: bool = True,
+        window: Window | Sequence[float] = "dtype",
+        percentiles: Sequence[float] = DEFAULT_PERCENTILES,
     ) -> None:
         super().__init__(
             train_batch_size=train_batch_size,
@@ -450,8 +482,15 @@ class FewShotTasks(AnomalibDataModule):
         if self.val_split_mode not in allowed:
             msg = f"val_split_mode must be in {[m.value for m in allowed]}, not {val_split_mode!r}."
             raise ValueError(msg)
-        # None: the kdbench folder (argument, $ANOMALIB_KD_KDBENCH or ../shared/data/kdbench).
-        self.root = resolve_kdbench_root(None) if root is None else Path(root).expanduser()
+        if root is None:
+            msg = (
+                "FewShotTasks needs root: the folder holding the tasks, one sub-folder per task in MVTec "
+                "layout (<task>/train/good, <task>/test/<defect>). CLI: --data.root <folder>."
+            )
+            raise FewShotDataError(msg)
+        self.root = Path(root).expanduser()
+        self.window = check_window(window)
+        self.percentiles = check_percentiles(percentiles)
         self.target = target
         self.task_spec = tasks
         self.k_shot = k_shot
@@ -534,9 +573,13 @@ class FewShotTasks(AnomalibDataModule):
     def support_images(self, task: str | None = None) -> torch.Tensor:
         """The K supports of ``task`` (default: the target) as a (K, 3, H, W) float tensor in [0, 1].
 
-        Raw images (no resize / normalisation): models apply their own pre-processing transform.
+        Raw images (no normalisation; supports of different sizes resized to the largest, as anomalib's
+        collate): models apply their own pre-processing transform.
         """
-        return torch.stack([read_image(path, as_tensor=True) for path in self.support_paths(task)])
+        images = [
+            read_image(p, window=self.window, percentiles=self.percentiles) for p in self.support_paths(task)
+        ]
+        return torch.stack(resize_to_common(images))
 
     # -- anomalib hooks ---------------------------------------------------------------------------
 
@@ -547,7 +590,8 @@ class FewShotTasks(AnomalibDataModule):
             msg = f"Target task '{self.target}' has no test images under {target.path / 'test'}."
             raise FewShotDataError(msg)
         test_type = TaskType(target.test_samples.attrs["task"])
-        self.test_data = FewShotTaskDataset(self.target, target.test_samples.copy())
+        reader = {"window": self.window, "percentiles": self.percentiles}
+        self.test_data = FewShotTaskDataset(self.target, target.test_samples.copy(), **reader)
         if self.mode == "episodic":
             self.train_data = EpisodicDataset(
                 [tasks[name] for name in self.train_task_names],
@@ -555,6 +599,7 @@ class FewShotTasks(AnomalibDataModule):
                 seed=self.support_seed,
                 resample=self.resample_supports,
                 task_type=test_type,
+                **reader,
             )
         else:
             paths = self.support_paths(self.target)
@@ -567,17 +612,7 @@ class FewShotTasks(AnomalibDataModule):
                 }
             )
             samples.attrs["task"] = test_type
-            self.train_data = FewShotTaskDataset(self.target, samples)
+            self.train_data = FewShotTaskDataset(self.target, samples, **reader)
 
     def _create_test_split(self) -> None:
         """The test set is the target's test folder as it is (no normals are taken from train)."""
-
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        """Shuffled episodes (or k-shot normals); the last incomplete batch is kept."""
-        return torch.utils.data.DataLoader(
-            dataset=self.train_data,
-            shuffle=True,
-            batch_size=min(self.train_batch_size, len(self.train_data)),
-            num_workers=self.num_workers,
-            collate_fn=self.external_collate_fn or self.train_data.collate_fn,
-        )

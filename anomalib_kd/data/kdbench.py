@@ -3,8 +3,10 @@
 kdbench holds real textures (brick, grass, gravel), brain MRI and head CT slices with synthetic defects
 and pixel masks, in the MVTec-AD folder layout (``<category>/train/good``, ``<category>/test/<defect>``,
 ``<category>/ground_truth/<defect>/NNN_mask.png``), plus ``fmnist/<class>`` one-class tasks (no masks;
-use :class:`~anomalib_kd.data.FewShotTasks` for those). anomalib's ``MVTecAD`` reads that layout; this
-subclass only finds the folder and replaces the download with a clear error.
+use :class:`KDBenchTasks` for those). anomalib's ``MVTecAD`` reads that layout; :class:`KDBench` only finds
+the folder, replaces the download with a clear error and reads the images with this package's reader
+(:func:`~anomalib_kd.data.image.read_image`). :class:`KDBenchTasks` is
+:class:`~anomalib_kd.data.FewShotTasks` over the same folder (the benchmark's few-shot runs).
 
 Where the data is looked for (first that exists): the ``root`` argument, ``$ANOMALIB_KD_KDBENCH``,
 ``./shared/data/kdbench`` and ``../shared/data/kdbench`` from the working directory, and
@@ -17,9 +19,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from anomalib.data import MVTecAD
+from .fewshot import FewShotTasks
+from .high_bit_depth import HighBitDepthMVTecAD
 
-__all__ = ["KDBENCH_CATEGORIES", "KDBENCH_ENV", "KDBench", "resolve_kdbench_root"]
+__all__ = ["KDBENCH_CATEGORIES", "KDBENCH_ENV", "KDBench", "KDBenchTasks", "resolve_kdbench_root"]
 
 KDBENCH_ENV = "ANOMALIB_KD_KDBENCH"
 KDBENCH_CATEGORIES = ("brick", "grass", "gravel", "brain_mri", "head_ct")
@@ -62,7 +65,7 @@ def resolve_kdbench_root(root: str | Path | None = None) -> Path:
     raise FileNotFoundError(msg)
 
 
-class KDBench(MVTecAD):
+class KDBench(HighBitDepthMVTecAD):
     """anomalib's ``MVTecAD`` datamodule over a kdbench category (module docstring), offline.
 
     Args:
@@ -70,7 +73,8 @@ class KDBench(MVTecAD):
         category: ``brick``, ``grass``, ``gravel``, ``brain_mri`` or ``head_ct`` (any folder of ``root``
             in the MVTec-AD layout with masks works).
         num_workers: dataloader workers (default 0: the images are small and this targets 2-core CPUs).
-        **kwargs: the rest of ``MVTecAD``'s arguments (batch sizes, augmentations, splits, seed).
+        **kwargs: the rest of ``MVTecAD``'s arguments (batch sizes, augmentations, splits, seed) and the
+            reader's ``window`` / ``percentiles`` (:class:`~anomalib_kd.data.HighBitDepthMVTecAD`).
     """
 
     def __init__(
@@ -89,3 +93,15 @@ class KDBench(MVTecAD):
                 f"Categories under {self.root}: {', '.join(available) or 'none'}."
             )
             raise FileNotFoundError(msg)
+
+
+class KDBenchTasks(FewShotTasks):
+    """:class:`~anomalib_kd.data.FewShotTasks` over the kdbench folder, found as :class:`KDBench` finds it.
+
+    Args:
+        root: the kdbench folder (``None``: :func:`resolve_kdbench_root`'s search).
+        **kwargs: ``FewShotTasks``' other arguments (``target``, ``tasks``, ``k_shot``, ``mode``, ...).
+    """
+
+    def __init__(self, root: str | Path | None = None, **kwargs: Any) -> None:
+        super().__init__(root=resolve_kdbench_root(root), **kwargs)

@@ -2,7 +2,8 @@
 
 Nothing is downloaded. On first use (``prepare_data``) the datamodule renders one category from the
 grayscale textures shipped with scikit-image (``skimage.data.brick``, ``grass`` and ``gravel``) and
-writes it to disk in the MVTec AD layout::
+writes it to disk in the MVTec AD layout, which anomalib's ``MVTecAD`` datamodule (this class's base)
+then reads::
 
     <root>/<category>/train/good/000.png
     <root>/<category>/test/good/000.png
@@ -46,13 +47,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from anomalib.data.datamodules.base.image import AnomalibDataModule
-from anomalib.data.datasets.base.image import AnomalibDataset
-from anomalib.data.datasets.image.mvtecad import make_mvtec_ad_dataset
 from anomalib.data.utils import Split, TestSplitMode, ValSplitMode
 from anomalib.utils.path import resolve_dataset_root
 from torchvision.transforms.v2 import Transform
 from tqdm.auto import tqdm
+
+from .high_bit_depth import HighBitDepthMVTecAD, HighBitDepthMVTecADDataset
 
 logger = logging.getLogger(__name__)
 
@@ -424,8 +424,8 @@ def generate_category(root: str | Path, params: dict, progress: bool = True) -> 
 # --------------------------------------------------------------------------------------------------
 
 
-class TexturesDataset(AnomalibDataset):
-    """One split of a generated Textures category (MVTec layout, read with anomalib's MVTec parser).
+class TexturesDataset(HighBitDepthMVTecADDataset):
+    """One split of a generated Textures category (anomalib's ``MVTecADDataset``, this package's reader).
 
     Args:
         root: Dataset root holding the category folders.
@@ -441,16 +441,15 @@ class TexturesDataset(AnomalibDataset):
         augmentations: Transform | None = None,
         split: str | Split | None = None,
     ) -> None:
-        super().__init__(augmentations=augmentations)
         _check_category(category)
-        self.root_category = Path(root) / category
-        self.category = category
-        self.split = split
-        self.samples = make_mvtec_ad_dataset(self.root_category, split=split, extensions=(".png",))
+        super().__init__(root=root, category=category, augmentations=augmentations, split=split)
 
 
-class Textures(AnomalibDataModule):
-    """MVTec-style datamodule generated from scikit-image's bundled textures (no download).
+class Textures(HighBitDepthMVTecAD):
+    """anomalib's ``MVTecAD`` datamodule over a category generated from scikit-image's textures (no download).
+
+    ``prepare_data`` generates the category (instead of ``MVTecAD``'s download); everything else is
+    ``MVTecAD``'s.
 
     Args:
         root: Dataset root; each category is written to ``<root>/<category>``.
@@ -507,20 +506,6 @@ class Textures(AnomalibDataModule):
         val_split_ratio: float = 0.5,
         seed: int | None = None,
     ) -> None:
-        super().__init__(
-            train_batch_size=train_batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            train_augmentations=train_augmentations,
-            val_augmentations=val_augmentations,
-            test_augmentations=test_augmentations,
-            augmentations=augmentations,
-            test_split_mode=test_split_mode,
-            test_split_ratio=test_split_ratio,
-            val_split_mode=val_split_mode,
-            val_split_ratio=val_split_ratio,
-            seed=seed,
-        )
         _check_category(category)
         defects = _check_defects(DEFECT_TYPES if defect_types is None else defect_types)
         if not isinstance(image_size, int):
@@ -538,8 +523,22 @@ class Textures(AnomalibDataModule):
                 f"{num_train}, {num_test_good}, {num_test_defect}"
             )
             raise ValueError(msg)
-        self.root = Path(resolve_dataset_root(root, "textures"))
-        self.category = category
+        super().__init__(
+            root=resolve_dataset_root(root, "textures"),
+            category=category,
+            train_batch_size=train_batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            train_augmentations=train_augmentations,
+            val_augmentations=val_augmentations,
+            test_augmentations=test_augmentations,
+            augmentations=augmentations,
+            test_split_mode=test_split_mode,
+            test_split_ratio=test_split_ratio,
+            val_split_mode=val_split_mode,
+            val_split_ratio=val_split_ratio,
+            seed=seed,
+        )
         self.image_size = image_size
         self.num_train = num_train
         self.num_test_good = num_test_good
@@ -572,9 +571,11 @@ class Textures(AnomalibDataModule):
             return
         generate_category(self.root, self.generation_params)
 
+    def _make_dataset(self, split: Split) -> TexturesDataset:
+        return TexturesDataset(root=self.root, category=self.category, split=split)
+
     def _setup(self, _stage: str | None = None) -> None:
         if not is_generated(self.category_dir, self.generation_params):
             # prepare_data is skipped when the datamodule is used without a Trainer
             generate_category(self.root, self.generation_params)
-        self.train_data = TexturesDataset(root=self.root, category=self.category, split=Split.TRAIN)
-        self.test_data = TexturesDataset(root=self.root, category=self.category, split=Split.TEST)
+        super()._setup(_stage)

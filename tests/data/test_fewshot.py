@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from anomalib_kd.data.fewshot import EpisodeBatch, FewShotDataError, FewShotTasks
+from anomalib_kd.data.fewshot import EpisodeBatch, FewShotDataError, FewShotTasks, largest_shape
+from anomalib_kd.data.image import ImageReadError
 
 from ..helpers import make_tasks
 
@@ -40,8 +43,18 @@ def test_episode_sampling_is_deterministic(root: Path) -> None:
     assert episodes(first) == episodes(second)
     assert episodes(first) != episodes(other)
     assert first.support_paths() == second.support_paths()
-    # fixed supports: reading an episode twice gives the same support files
-    assert first.train_data[0].support_paths == first.train_data[0].support_paths
+
+
+def test_fixed_supports_do_not_change_between_reads(root: Path) -> None:
+    """resample_supports=False: every read of an episode gives the supports drawn at setup."""
+    datamodule = FewShotTasks(root=root, target="beta", k_shot=3, support_seed=7)
+    datamodule.setup()
+    data = datamodule.train_data
+    for index, (name, _, drawn) in enumerate(data.episodes):
+        expected = [data.tasks[name].normals[i] for i in drawn]
+        for seed in range(4):  # whatever torch's global RNG holds (resampling would use it)
+            torch.manual_seed(seed)
+            assert data[index].support_paths == expected
 
 
 def test_query_never_among_its_supports(root: Path) -> None:
@@ -154,22 +167,100 @@ def test_errors_no_normals_and_missing_folders(root: Path, tmp_path: Path) -> No
         FewShotTasks(root=root, target="alpha", tasks=["alpha", "gamma"]).setup()
 
 
-def test_errors_mixed_sizes_and_channels(root: Path) -> None:
-    odd = root / "alpha" / "train" / "good" / "999.png"
-    Image.fromarray(np.zeros((40, 32, 3), np.uint8)).save(odd)
-    with pytest.raises(FewShotDataError, match=r"Task 'alpha' mixes image sizes: .*alpha/train/good/999.png"):
-        FewShotTasks(root=root, target="beta").setup()
-    Image.fromarray(np.zeros((32, 32), np.uint8)).save(odd)  # gray among RGB
+def test_mixed_sizes_and_gray_rgb_in_one_task_are_resized_and_converted(root: Path) -> None:
+    """As anomalib: every image read as RGB, sizes resized to the largest when a batch mixes them."""
+    normals = root / "alpha" / "train" / "good"
+    Image.fromarray(np.full((40, 32, 3), 200, np.uint8)).save(normals / "900.png")  # taller, RGB
+    Image.fromarray(np.full((32, 32), 90, np.uint8)).save(normals / "901.png")  # gray
+    Image.fromarray(np.full((20, 24), 90, np.uint8)).save(root / "alpha" / "test" / "good" / "902.png")
+    datamodule = FewShotTasks(root=root, target="beta", tasks=["alpha", "beta"], k_shot=7, train_batch_size=3)
+    datamodule.setup()  # today: FewShotDataError "mixes image sizes"
+    for index in range(len(datamodule.train_data)):
+        item = datamodule.train_data[index]
+        if item.task == "alpha":  # 8 normals, K=7: the odd images are in every alpha episode
+            assert item.image.shape == (3, 40, 32)
+            assert item.support.shape == (7, 3, 40, 32)
+    batches = list(datamodule.train_dataloader())
+    assert sum(batch.batch_size for batch in batches) == len(datamodule.train_data)
+    # the target (one_class and test) mixes sizes too: anomalib's dataset/collate handle it
+    one_class = FewShotTasks(root=root, target="alpha", k_shot=8, mode="one_class", eval_batch_size=8)
+    one_class.setup()
+    supports = one_class.support_images()  # all 8 normals of alpha
+    gray = supports[one_class.support_paths().index(str(normals / "901.png"))]
+    assert supports.shape == (8, 3, 40, 32)
+    assert torch.equal(gray[0], gray[2])  # gray repeated to RGB
+    assert gray.mean() == pytest.approx(90 / 255, abs=1e-3)
+    assert next(iter(one_class.train_dataloader())).image.shape == (8, 3, 40, 32)
+    assert next(iter(one_class.test_dataloader())).image.shape[1:] == (3, 32, 32)
+    assert largest_shape([(32, 32), (20, 24), (30, 40)]) == (30, 40)  # anomalib: the largest side wins
+
+
+def write_ct_tasks(root: Path) -> tuple[Path, np.ndarray]:
+    """Two tasks of 16-bit CT-like PNGs (raw values 1000..3000); returns the root and one raw image."""
+    rng = np.random.default_rng(0)
+    for task in ("ct", "mri"):
+        for sub in ("train/good", "test/good", "test/bad"):
+            (root / task / sub).mkdir(parents=True)
+            for i in range(4):
+                raw = rng.integers(1000, 3001, (16, 16)).astype(np.uint16)
+                cv2.imwrite(str(root / task / sub / f"{i:03d}.png"), raw)
+    return root, cv2.imread(str(root / "ct" / "train" / "good" / "000.png"), cv2.IMREAD_UNCHANGED)
+
+
+def test_16bit_images_keep_their_full_range(tmp_path: Path) -> None:
+    root, _ = write_ct_tasks(tmp_path / "tasks")
+    datamodule = FewShotTasks(root=root, target="ct", k_shot=2, mode="one_class", eval_batch_size=12)
+    datamodule.setup()
+    batch = next(iter(datamodule.train_dataloader()))  # today: every pixel 1.0 (clipped)
+    for image, path in zip(batch.image, batch.image_path, strict=True):
+        raw = cv2.imread(path, cv2.IMREAD_UNCHANGED).astype(np.float32)
+        torch.testing.assert_close(image[1], torch.from_numpy(raw / 65535), atol=1e-7, rtol=0)
+    supports = datamodule.support_images()
+    assert 1000 / 65535 - 1e-6 <= float(supports.min()) < float(supports.max()) <= 3000 / 65535 + 1e-6
+    test = next(iter(datamodule.test_dataloader()))
+    assert float(test.image.max()) < 0.05
+    # a fixed CT window maps the raw range onto [0, 1], in every part of the datamodule
+    windowed = FewShotTasks(root=root, target="ct", k_shot=2, window=(1000, 3000), support_seed=1)
+    windowed.setup()
+    episode = windowed.train_data[0]
+    raw = cv2.imread(episode.image_path, cv2.IMREAD_UNCHANGED).astype(np.float32)
+    torch.testing.assert_close(episode.image[0], torch.from_numpy((raw - 1000) / 2000), atol=1e-6, rtol=0)
+    assert float(windowed.support_images().max()) > 0.9
+    test = next(iter(windowed.test_dataloader()))
+    assert float(test.image.min()) < 0.1
+    assert float(test.image.max()) > 0.9
+
+
+def test_unreadable_images_name_the_file(root: Path) -> None:
+    empty = root / "alpha" / "train" / "good" / "000.png"
+    empty.write_bytes(b"")
     with pytest.raises(
-        FewShotDataError, match=r"Task 'alpha' mixes image channels: .*999.png is 32x32 with 1"
+        FewShotDataError, match=r"Task 'alpha': .*alpha/train/good/000.png.*empty \(0 bytes\)"
     ):
         FewShotTasks(root=root, target="beta").setup()
+    # truncated: the header reads, the pixels do not; the read names the file (today: no name)
+    truncated = root / "beta" / "test" / "bad" / "001.png"
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    datamodule = FewShotTasks(root=root, target="beta", tasks=["beta", "gamma"], k_shot=2, eval_batch_size=8)
+    datamodule.setup()
+    with pytest.raises(ImageReadError, match=re.escape(str(truncated)) + ".*truncated"):
+        list(datamodule.test_dataloader())
 
 
-def test_bad_arguments() -> None:
+def test_root_is_required() -> None:
+    with pytest.raises(FewShotDataError, match=r"FewShotTasks needs root.*--data.root"):
+        FewShotTasks(root=None, target="brick")
+    with pytest.raises(TypeError, match="root"):
+        FewShotTasks(target="brick")  # type: ignore[call-arg]
+
+
+def test_bad_arguments(root: Path) -> None:
     with pytest.raises(ValueError, match="mode must be one of"):
-        FewShotTasks(target="a", mode="meta")
+        FewShotTasks(root=root, target="a", mode="meta")
     with pytest.raises(ValueError, match="k_shot must be >= 1"):
-        FewShotTasks(target="a", k_shot=0)
+        FewShotTasks(root=root, target="a", k_shot=0)
     with pytest.raises(ValueError, match="val_split_mode"):
-        FewShotTasks(target="a", val_split_mode="synthetic")
+        FewShotTasks(root=root, target="a", val_split_mode="synthetic")
+    with pytest.raises(ValueError, match="window"):
+        FewShotTasks(root=root, target="a", window="auto")

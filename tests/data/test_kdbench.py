@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from anomalib_kd.data import FewShotTasks, KDBench
+from anomalib_kd.data import KDBench, KDBenchTasks
 from anomalib_kd.data.kdbench import KDBENCH_ENV, resolve_kdbench_root
 from tests.helpers import make_tasks
 
@@ -61,7 +61,10 @@ def test_unknown_category_lists_the_available_ones(tiny_kdbench: Path) -> None:
         datamodule.prepare_data()
 
 
-def test_fewshot_tasks_default_root_is_kdbench(tiny_kdbench: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kdbench_tasks_find_the_folder(tiny_kdbench: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The few-shot view of kdbench finds its folder as KDBench does (FewShotTasks itself needs root)."""
     monkeypatch.setenv(KDBENCH_ENV, str(tiny_kdbench))
-    datamodule = FewShotTasks(target="brick", k_shot=2)
+    datamodule = KDBenchTasks(target="brick", k_shot=2)
     assert datamodule.root == tiny_kdbench
+    datamodule.setup()
+    assert datamodule.train_task_names == ["head_ct"]

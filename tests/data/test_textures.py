@@ -193,3 +193,26 @@ def test_defaults() -> None:
     assert dm.image_size == 256
     assert (dm.num_train, dm.num_test_good, dm.num_test_defect) == (60, 16, 8)
     assert dm.defect_types == list(DEFECT_TYPES)
+
+
+def test_textures_is_anomalib_mvtecad_with_identical_items(tmp_path: Path) -> None:
+    """Textures is anomalib's MVTecAD (generated in prepare_data); its items equal MVTecAD's own."""
+    from anomalib.data import MVTecAD
+    from anomalib.data.datasets.image.mvtecad import MVTecADDataset
+    from anomalib.data.utils import Split
+
+    dm = _datamodule(tmp_path, category="grass")
+    assert isinstance(dm, MVTecAD)
+    dm.setup()
+    for split, ours in ((Split.TRAIN, dm.train_data), (Split.TEST, dm.test_data)):
+        assert isinstance(ours, MVTecADDataset)
+        reference = MVTecADDataset(root=tmp_path, category="grass", split=split)
+        assert len(ours) == len(reference) > 0
+        for index in range(len(reference)):
+            mine, theirs = ours[index], reference[index]
+            assert mine.image_path == theirs.image_path
+            assert torch.equal(mine.image, theirs.image)
+            assert torch.equal(mine.gt_label, theirs.gt_label)
+            assert (mine.gt_mask is None) == (theirs.gt_mask is None)
+            if theirs.gt_mask is not None:
+                assert torch.equal(mine.gt_mask, theirs.gt_mask)
