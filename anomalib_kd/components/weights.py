@@ -190,7 +190,7 @@ def _unwrap(state: object, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, Mapping):
         msg = f"{path} does not hold a state dict (found {type(state).__name__})."
         raise TypeError(msg)
-    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

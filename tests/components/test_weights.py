@@ -450,3 +450,9 @@ def test_old_weight_argument_names_still_work(tmp_path: Path) -> None:
     with pytest.warns(DeprecationWarning, match="teacher_weights"):
         restored = DHKD.load_from_checkpoint(tmp_path / "old.ckpt")
     assert restored.weights_path == "old_teacher.pth"
+
+
+def test_teacher_download_can_be_refused_by_the_caller(anomalib_cache: Path, online: None) -> None:
+    """The benchmark harness (random EfficientAd teacher when no file) passes ``download=False``."""
+    with pytest.raises(MissingWeightsError, match="Downloading was not allowed here"):
+        load_teacher_weights(build_teacher(out_channels=8), download=False)
