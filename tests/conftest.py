@@ -9,6 +9,7 @@ import pytest
 
 # Nothing in the test-suite may reach a hub: point every cache at an empty folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("ANOMALIB_KD_OFFLINE", "1")  # the non-hub downloads (anomalib, VMamba release)
 
 
 @pytest.fixture(autouse=True)

@@ -1,1 +1,1 @@
-"""Shared parts: offline backbones, anomaly synthesis, anomaly maps / smoothing, selective scan, VMamba."""
+"""Shared parts: backbones and pretrained weights, anomaly synthesis and maps, selective scan, VMamba."""

@@ -1,20 +1,23 @@
-"""Teacher backbones with offline-first pretrained weights.
+"""Teacher backbones and their pretrained weights: local files first, then timm's own download.
 
-Backbones are built by timm with ``pretrained=False`` (nothing touches the network), and pretrained
-weights are loaded later, on demand, from a local file. The file is looked up, in order, in:
+Backbones are built by timm with ``pretrained=False`` (building never touches the network);
+pretrained weights are loaded later, at the start of training, by :func:`load_pretrained_backbone`:
 
-1. an explicit path given by the user (argument ``weights_path``),
+1. an explicit file given by the user (argument ``weights_path``),
 2. the directory named by the environment variable ``ANOMALIB_KD_WEIGHTS``,
-3. the caches timm itself fills when it downloads (Hugging Face hub cache, torch hub cache).
+3. the caches timm itself fills (Hugging Face hub cache, torch hub cache),
+4. otherwise timm's own pretrained loading (``timm.create_model(name, pretrained=True)``, from the
+   Hugging Face hub), unless ``HF_HUB_OFFLINE=1`` or ``ANOMALIB_KD_OFFLINE=1``.
 
-When no file is found, :class:`MissingWeightsError` names the expected files and these three ways.
+When nothing is found and nothing may be downloaded, :class:`MissingWeightsError` names the expected
+files and the ways to supply one.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import timm
@@ -22,17 +25,29 @@ import torch
 from anomalib.models.components import TimmFeatureExtractor
 from torch import nn
 
+from .weights import (
+    WEIGHTS_ENV,
+    MissingWeightsError,
+    downloads_disabled,
+    find_in_weights_dir,
+    load_weights_into,
+    offline_status,
+    read_state_dict,
+    weights_dir_status,
+)
+
 logger = logging.getLogger(__name__)
 
-WEIGHTS_ENV = "ANOMALIB_KD_WEIGHTS"
-
-# Keys that wrap a state dict in common checkpoint layouts (timm/torchvision save bare dicts,
-# training scripts often nest them).
-_NESTED_STATE_KEYS = ("state_dict", "model", "module", "teacher")
-
-
-class MissingWeightsError(FileNotFoundError):
-    """Raised when pretrained weights are requested but no local file holds them."""
+__all__ = [
+    "WEIGHTS_ENV",
+    "MissingWeightsError",
+    "candidate_file_names",
+    "create_feature_extractor",
+    "load_pretrained_backbone",
+    "load_state_dict_file",
+    "load_weights_into",
+    "resolve_weights_file",
+]
 
 
 def _pretrained_cfg(backbone: str) -> dict:
@@ -58,24 +73,48 @@ def candidate_file_names(backbone: str, extra_names: Sequence[str] = ()) -> list
     return list(dict.fromkeys(names))
 
 
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache as the environment names it now (``HF_HUB_CACHE``, else ``HF_HOME``/hub).
+
+    Read at call time, so a changed environment is honoured even after ``huggingface_hub`` was imported.
+    """
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(name):
+            return Path(os.environ[name]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
 def _timm_cache_files(backbone: str) -> list[Path]:
-    """Where timm would have cached the weights after an earlier (online) download."""
+    """Where timm's download would have cached the weights (Hugging Face hub cache, torch hub cache)."""
     cfg = _pretrained_cfg(backbone)
     found: list[Path] = []
     hub_id = cfg.get("hf_hub_id")
     if hub_id:
-        try:
-            from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache
 
-            for filename in ("model.safetensors", "pytorch_model.bin"):
-                path = try_to_load_from_cache(hub_id, filename)
-                if isinstance(path, str):
-                    found.append(Path(path))
-        except ImportError:  # pragma: no cover - huggingface_hub ships with timm
-            pass
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            path = try_to_load_from_cache(hub_id, filename, cache_dir=hub_cache_dir())
+            if isinstance(path, str):
+                found.append(Path(path))
     if cfg.get("url"):
         found.append(Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg["url"]).name)
     return [path for path in found if path.is_file()]
+
+
+def _missing_message(backbone: str, names: Sequence[str], cause: str) -> str:
+    return (
+        f"No pretrained weights for backbone '{backbone}': {cause} Expected one of the files {list(names)}. "
+        f"Supply it in one of these ways: (1) pass the file path explicitly "
+        f"(e.g. `--model.weights_path /path/to/{names[0]}`), (2) put it in a directory and set "
+        f"{WEIGHTS_ENV}=/that/directory ({weights_dir_status()}), (3) let timm download it once "
+        f"(online, without HF_HUB_OFFLINE / ANOMALIB_KD_OFFLINE: timm.create_model('{backbone}', "
+        f"pretrained=True)) and copy its cache ({hub_cache_dir()}). Or train without pretrained weights "
+        f"with `pre_trained=False` (much lower accuracy)."
+    )
 
 
 def resolve_weights_file(
@@ -83,7 +122,7 @@ def resolve_weights_file(
     weights_path: str | Path | None = None,
     extra_names: Sequence[str] = (),
 ) -> Path:
-    """Find the local weights file of ``backbone`` (explicit path, then env dir, then timm's cache).
+    """Find a local weights file of ``backbone`` (explicit path, then env dir, then timm's caches).
 
     Args:
         backbone: timm model name, optionally with a pretrained tag (``wide_resnet50_2.tv_in1k``).
@@ -91,7 +130,7 @@ def resolve_weights_file(
         extra_names: further accepted file names in the ``$ANOMALIB_KD_WEIGHTS`` directory.
 
     Raises:
-        MissingWeightsError: no file found; the message says which files and how to supply one.
+        MissingWeightsError: no local file; the message says which files and how to supply one.
     """
     if weights_path is not None:
         path = Path(weights_path).expanduser()
@@ -99,65 +138,39 @@ def resolve_weights_file(
             return path
         msg = f"Pretrained weights file for '{backbone}' not found: {path}"
         raise MissingWeightsError(msg)
-
     names = candidate_file_names(backbone, extra_names)
-    env_dir = os.environ.get(WEIGHTS_ENV)
-    if env_dir:
-        for name in names:
-            path = Path(env_dir).expanduser() / name
-            if path.is_file():
-                return path
+    found = find_in_weights_dir(names)
+    if found is not None:
+        return found
     cached = _timm_cache_files(backbone)
     if cached:
         return cached[0]
-
-    msg = (
-        f"No pretrained weights for backbone '{backbone}' are available offline. Expected one of the "
-        f"files {names}. Supply it in one of three ways: (1) pass the file path explicitly "
-        f"(e.g. `--model.weights_path /path/to/{names[0]}`), (2) put it in a directory and set "
-        f"{WEIGHTS_ENV}=/that/directory (currently {'set to ' + repr(env_dir) if env_dir else 'unset'}), "
-        f"or (3) let timm cache it once on a machine with internet (timm.create_model('{backbone}', "
-        f"pretrained=True)) and copy the cache. Or train without pretrained weights with "
-        f"`pre_trained=False` (much lower accuracy)."
-    )
-    raise MissingWeightsError(msg)
+    raise MissingWeightsError(_missing_message(backbone, names, f"no local file. {offline_status()}"))
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a torch file (``weights_only``), unwrapping nesting."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    while isinstance(state, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
-        key = next((k for k in _NESTED_STATE_KEYS if k in state), None)
-        if key is None:
-            break
-        state = state[key]
-    if not isinstance(state, Mapping):
-        msg = f"{path} does not hold a state dict (found {type(state).__name__})."
-        raise TypeError(msg)
-    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    """Read a state dict from ``.safetensors`` or a torch file (timm's loader, ``weights_only``)."""
+    return read_state_dict(path)
 
 
-def load_weights_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``module``: every parameter/buffer of ``module`` must be present and match.
+def download_pretrained_state(backbone: str) -> dict[str, torch.Tensor]:
+    """timm's own pretrained loading of ``backbone`` (Hugging Face hub, cached as timm caches it).
 
-    Keys of ``state`` that ``module`` lacks (e.g. a classifier head or the layers a features-only
-    backbone drops) are ignored; a missing or mis-shaped key raises, naming the keys.
+    Raises:
+        MissingWeightsError: downloads are disabled (nothing is fetched) or timm's download failed.
     """
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or mismatched:
-        msg = (
-            f"Weights in {source} do not fit {type(module).__name__}: "
-            f"{len(missing)} missing keys {missing[:8]}, {len(mismatched)} mis-shaped keys {mismatched[:8]}."
-        )
-        raise RuntimeError(msg)
-    module.load_state_dict({k: state[k] for k in own}, strict=True)
+    names = candidate_file_names(backbone)
+    if downloads_disabled():
+        raise MissingWeightsError(_missing_message(backbone, names, f"no local file. {offline_status()}"))
+    cfg = _pretrained_cfg(backbone)
+    # The hub cache as the environment names it now (timm's default would be fixed at import time).
+    cache = {"cache_dir": hub_cache_dir()} if cfg.get("hf_hub_id") else {}
+    try:
+        model = timm.create_model(backbone, pretrained=True, **cache)
+    except Exception as error:  # network, hub or registry errors: one message with the ways out
+        cause = f"timm's download failed ({type(error).__name__}: {error})."
+        raise MissingWeightsError(_missing_message(backbone, names, cause)) from error
+    return model.state_dict()
 
 
 def create_feature_extractor(
@@ -180,12 +193,25 @@ def load_pretrained_backbone(
     weights_path: str | Path | None = None,
     extra_names: Sequence[str] = (),
 ) -> Path:
-    """Load local pretrained weights of ``backbone`` into a feature extractor (or a plain timm model).
+    """Load pretrained weights of ``backbone`` into a feature extractor (or a plain timm model).
 
-    Returns the file that was loaded.
+    A local file (see :func:`resolve_weights_file`) is used when there is one; otherwise timm downloads
+    the weights (:func:`download_pretrained_state`). An explicit ``weights_path`` that does not exist is
+    an error, never a reason to download. Returns the file loaded (after a download: the file timm cached,
+    found in its caches, else the hub cache folder).
     """
-    path = resolve_weights_file(backbone, weights_path, extra_names)
     target = getattr(extractor, "feature_extractor", extractor)
-    load_weights_into(target, load_state_dict_file(path), str(path))
+    try:
+        path = resolve_weights_file(backbone, weights_path, extra_names)
+    except MissingWeightsError:
+        if weights_path is not None:
+            raise
+        state = download_pretrained_state(backbone)
+        cached = _timm_cache_files(backbone)
+        source = cached[0] if cached else hub_cache_dir()
+        load_weights_into(target, state, str(source))
+        logger.info("Loaded pretrained weights of %s downloaded by timm (%s)", backbone, source)
+        return source
+    load_weights_into(target, read_state_dict(path), str(path))
     logger.info("Loaded pretrained weights of %s from %s", backbone, path)
     return path

@@ -7,11 +7,11 @@ padded medium PDN, fed the same image at 256 px, regresses them (MSE) with Adam 
 The backbone's target map (64x64 at 512 px for stride-8 ``layer2``) is resized to the PDN's output size.
 
 Output: a state dict in anomalib's PDN layout (``conv1..conv6``), loadable as the DHKD teacher
-(``DHKD(teacher_weights=...)``) or by anomalib's EfficientAd. Training is resumable: every
+(``DHKD(weights_path=...)``) or by anomalib's EfficientAd. Training is resumable: every
 ``checkpoint_every`` steps a checkpoint ``<output>.ckpt`` is written to a temporary file and renamed over
 the previous one, so an interrupted run never leaves a partial checkpoint; a rerun with the same output
-resumes from it. The backbone's weights come from a local file (see
-:func:`anomalib_kd.components.backbones.resolve_weights_file`); nothing is downloaded.
+resumes from it. The backbone's weights come from a local file, else timm's download (see
+:func:`anomalib_kd.components.backbones.load_pretrained_backbone`; ``ANOMALIB_KD_OFFLINE=1`` forbids it).
 
 Example:
     python -m anomalib_kd.tools.distill_pdn --images /data/imagenet/train --output pdn_medium.pth \\
@@ -299,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--output", default="pdn_medium.pth", help="teacher file to write (anomalib layout)")
     parser.add_argument("--backbone", default="wide_resnet101_2.tv_in1k", help="timm backbone name")
     parser.add_argument("--layers", nargs="+", default=["layer2", "layer3"], help="backbone layers")
-    parser.add_argument("--weights", default=None, help="local ImageNet weights file of the backbone")
+    parser.add_argument("--weights", default=None, help="backbone weights file (else caches, timm download)")
     parser.add_argument("--no-pretrained", action="store_true", help="random backbone (testing only)")
     parser.add_argument("--steps", type=int, default=60000)
     parser.add_argument("--batch-size", type=int, default=16)

@@ -182,14 +182,14 @@ def test_teacher_weight_layouts_load(tmp_path: Path) -> None:
 def test_missing_teacher_file_names_it_and_the_ways_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(teacher_module, "_anomalib_cache_dir", lambda: tmp_path / "no_cache")
+    monkeypatch.setattr(teacher_module, "anomalib_teacher_dir", lambda: tmp_path / "no_cache")
     model = DHKDModel(image_size=SMALL)
     with pytest.raises(MissingWeightsError) as error:
         model.load_teacher("/nonexistent/pretrained_teacher_medium.pth")
     message = str(error.value)
     for needle in (
         "/nonexistent/pretrained_teacher_medium.pth",
-        "teacher_weights",
+        "weights_path",
         "distill_pdn",
         "pre_trained",
     ):

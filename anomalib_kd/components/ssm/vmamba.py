@@ -14,9 +14,7 @@ checkpoint's own names ``layers.i.downsample.norm/reduction``.
 from __future__ import annotations
 
 import itertools
-import pickle
 import re
-import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +25,16 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 from torchvision.models.swin_transformer import PatchMerging
 
+from ..weights import (
+    WEIGHTS_ENV,
+    MissingWeightsError,
+    download_file,
+    downloads_disabled,
+    find_in_weights_dir,
+    offline_status,
+    read_state_dict,
+    weights_dir_status,
+)
 from .ss2d import SS2D
 
 __all__ = [
@@ -208,11 +216,13 @@ def convert_vmamba_v0_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, 
 
 
 def load_vmamba_checkpoint(model: VMambaTiny, path: str | Path) -> VMambaTiny:
-    """Load the official ``vssmtiny_dp01_ckpt_epoch_292.pth`` (a local file; nothing is downloaded).
+    """Load the official ``vssmtiny_dp01_ckpt_epoch_292.pth`` from the local file ``path``.
 
-    The state dict (under ``"model"``, or the file itself) is renamed with
+    The state dict (under ``"model"``, or the file itself) is read with timm's loader (the training
+    config pickled beside it is read as plain data, never imported), renamed with
     :func:`convert_vmamba_v0_state_dict`, the ImageNet classifier (``classifier.norm/head``) is dropped
-    because :class:`VMambaTiny` has none, and the rest is loaded strictly.
+    because :class:`VMambaTiny` has none, and the rest is loaded strictly. To find or download the file,
+    use :func:`load_pretrained_vmamba`.
 
     Raises:
         FileNotFoundError: the file does not exist (the message says where to get it).
@@ -221,23 +231,16 @@ def load_vmamba_checkpoint(model: VMambaTiny, path: str | Path) -> VMambaTiny:
     path = Path(path).expanduser()
     if not path.is_file():
         msg = (
-            f"VMamba-Tiny v0 checkpoint not found: {path}. Download {VMAMBA_TINY_CHECKPOINT} yourself "
-            f"(VMamba release '#v0cls': {_VMAMBA_TINY_URL}) and pass its local path; it is never downloaded "
-            "automatically."
+            f"VMamba-Tiny v0 checkpoint not found: {path}. Pass an existing {VMAMBA_TINY_CHECKPOINT} "
+            f"(VMamba release '#v0cls': {VMAMBA_TINY_URL}), or pass no path and let "
+            "load_pretrained_vmamba find or download it."
         )
         raise FileNotFoundError(msg)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # The training checkpoint also pickles its yacs config; the file is the user's own choice.
-        warnings.warn(
-            f"{path}: not loadable with weights_only=True; loading it as a full pickle", stacklevel=2
-        )
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    state = ckpt["model"] if isinstance(ckpt, Mapping) and "model" in ckpt else ckpt
-    if not isinstance(state, Mapping):
-        msg = f"{path}: expected a state dict (or a dict with key 'model'), got {type(state).__name__}"
-        raise RuntimeError(msg)
+        state = read_state_dict(path)
+    except (TypeError, RuntimeError) as error:
+        msg = f"{path}: expected a state dict (or a dict with key 'model'): {error}"
+        raise RuntimeError(msg) from error
     state = convert_vmamba_v0_state_dict(state)
     own = model.state_dict()
     if not any(k.startswith("classifier.") for k in own):
@@ -259,3 +262,66 @@ def load_vmamba_checkpoint(model: VMambaTiny, path: str | Path) -> VMambaTiny:
         raise RuntimeError(msg)
     model.load_state_dict(state, strict=True)
     return model
+
+
+# The official release file (spec: PDD's code downloads it from here).
+VMAMBA_TINY_URL = _VMAMBA_TINY_URL
+# The VMamba release publishes no checksum for this file: a download is verified by loading it strictly.
+VMAMBA_TINY_SHA256: str | None = None
+
+
+def vmamba_cache_file() -> Path:
+    """Where a downloaded checkpoint is kept: torch hub's checkpoints folder (``$TORCH_HOME``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / VMAMBA_TINY_CHECKPOINT
+
+
+def find_vmamba_checkpoint(weights_path: str | Path | None = None) -> Path | None:
+    """The local checkpoint: explicit path, else ``$ANOMALIB_KD_WEIGHTS/<name>``, else the download cache.
+
+    Raises:
+        MissingWeightsError: an explicit ``weights_path`` that does not exist (never replaced by another).
+    """
+    if weights_path is not None:
+        path = Path(weights_path).expanduser()
+        if path.is_file():
+            return path
+        msg = f"VMamba-Tiny v0 checkpoint not found: {path} (expected the official {VMAMBA_TINY_CHECKPOINT})."
+        raise MissingWeightsError(msg)
+    found = find_in_weights_dir([VMAMBA_TINY_CHECKPOINT])
+    if found is not None:
+        return found
+    cached = vmamba_cache_file()
+    return cached if cached.is_file() else None
+
+
+def load_pretrained_vmamba(model: VMambaTiny, weights_path: str | Path | None = None) -> Path:
+    """Load the official VMamba-Tiny v0 weights into ``model``: a local file, else the release download.
+
+    Local files come first (:func:`find_vmamba_checkpoint`). Otherwise the official release file is
+    downloaded with a progress bar into :func:`vmamba_cache_file`, through a temporary file that is
+    loaded strictly into ``model`` before it is renamed into place (no checksum is published), unless
+    ``ANOMALIB_KD_OFFLINE=1`` / ``HF_HUB_OFFLINE=1``. Returns the file loaded.
+
+    Raises:
+        MissingWeightsError: no local file and downloads disabled (names the file and the ways to supply it).
+    """
+    path = find_vmamba_checkpoint(weights_path)
+    if path is not None:
+        load_vmamba_checkpoint(model, path)
+        return path
+    if downloads_disabled():
+        msg = (
+            f"No VMamba-Tiny v0 checkpoint available locally. {offline_status()} Supply "
+            f"{VMAMBA_TINY_CHECKPOINT} (VMamba GitHub release '#v0cls', {VMAMBA_TINY_URL}) in one of these "
+            f"ways: (1) pass it (`--model.vmamba_weights_path /path/to/{VMAMBA_TINY_CHECKPOINT}`), "
+            f"(2) put it in the directory named by {WEIGHTS_ENV} ({weights_dir_status()}), (3) put it in "
+            f"{vmamba_cache_file().parent}, or (4) go online and it is downloaded there. Or train with "
+            "`pre_trained=False` (random teachers, much lower accuracy)."
+        )
+        raise MissingWeightsError(msg)
+    return download_file(
+        VMAMBA_TINY_URL,
+        vmamba_cache_file(),
+        sha256=VMAMBA_TINY_SHA256,
+        verify=lambda downloaded: load_vmamba_checkpoint(model, downloaded),
+    )

@@ -71,9 +71,9 @@ class D24FAD(DistillationModuleMixin, AnomalibModule):
 
     Args:
         backbone: timm name of the frozen teacher (torchvision's ImageNet WRN50-2, as the official code).
-        pre_trained: load the teacher's ImageNet weights from a local file at the start of training
-            (never downloads; see ``weights_path``).
-        weights_path: the local weights file; else ``$ANOMALIB_KD_WEIGHTS`` or timm's cache is searched.
+        pre_trained: load the teacher's ImageNet weights at the start of training (see ``weights_path``).
+        weights_path: the weights file; else ``$ANOMALIB_KD_WEIGHTS``, timm's caches, then timm's own
+            download (unless ``ANOMALIB_KD_OFFLINE=1`` / ``HF_HUB_OFFLINE=1``).
         lambda_tsd: weight of the teacher-student loss (paper 0.1).
         learn_to_weight: learn-to-weight support weights (``False``: uniform 1/K).
         loss_mode: ``"global"`` (official: cosine over flattened features) or ``"pixel"`` (paper).
@@ -228,7 +228,7 @@ class D24FAD(DistillationModuleMixin, AnomalibModule):
     # -- training ---------------------------------------------------------------------------------
 
     def on_train_start(self) -> None:
-        """Load the local pretrained teacher once (a restored checkpoint needs no file)."""
+        """Load the pretrained teacher once (a restored checkpoint needs no file)."""
         if self.pre_trained and not bool(self.model.pretrained_loaded):
             path = self.model.load_pretrained(self.weights_path)
             logger.info("D24FAD teacher initialised from %s", path)

@@ -20,7 +20,7 @@ Defaults for users:
 Example:
     >>> from anomalib.engine import Engine
     >>> from anomalib_kd.models.dhkd import DHKD
-    >>> model = DHKD(teacher_weights="pretrained_teacher_medium.pth")  # doctest: +SKIP
+    >>> model = DHKD(weights_path="pretrained_teacher_medium.pth")  # doctest: +SKIP
     >>> Engine(max_steps=70000).train(model, datamodule=...)  # doctest: +SKIP
 """
 
@@ -43,6 +43,7 @@ from torchvision.transforms.v2 import Compose, Normalize
 from tqdm.auto import tqdm
 
 from anomalib_kd.components.module import DistillationModuleMixin
+from anomalib_kd.components.weights import renamed_argument
 
 from .loss import DHKDLoss
 from .torch_model import DHKDModel
@@ -59,11 +60,11 @@ class DHKD(DistillationModuleMixin, AnomalibModule):
     """Dual-Heterogeneous Knowledge Distillation (DHKD) with Mamba.
 
     Args:
-        teacher_weights: local PDN-medium weights file (anomalib's ``pretrained_teacher_medium.pth``,
+        weights_path: PDN-medium teacher weights file (anomalib's ``pretrained_teacher_medium.pth``,
             EfficientAD's ``teacher_medium*.pth`` or the output of
-            ``python -m anomalib_kd.tools.distill_pdn``).
-            ``None``: look in ``$ANOMALIB_KD_WEIGHTS`` and anomalib's EfficientAd cache. Never downloaded;
-            loaded at the start of training.
+            ``python -m anomalib_kd.tools.distill_pdn``). ``None``: ``$ANOMALIB_KD_WEIGHTS``, then
+            anomalib's EfficientAd cache, then anomalib's EfficientAd download (unless
+            ``ANOMALIB_KD_OFFLINE=1`` / ``HF_HUB_OFFLINE=1``). Loaded at the start of training.
         pre_trained: load the teacher weights. ``False`` trains with a random teacher (tests only).
         image_size: square input size (official 256; the architecture is built for it). The default
             pre-processor resizes to it.
@@ -81,11 +82,12 @@ class DHKD(DistillationModuleMixin, AnomalibModule):
             The image score is the maximum of the unsmoothed map, as in the official code.
         chunk_size: chunk length of the pure-PyTorch selective scan (``None``: automatic).
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True``: defaults).
+        teacher_weights: deprecated name of ``weights_path``.
     """
 
     def __init__(
         self,
-        teacher_weights: str | None = None,
+        weights_path: str | None = None,
         pre_trained: bool = True,
         image_size: int = 256,
         out_channels: int = 384,
@@ -103,6 +105,7 @@ class DHKD(DistillationModuleMixin, AnomalibModule):
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
+        teacher_weights: str | None = None,
     ) -> None:
         if pre_processor is True:
             pre_processor = self.configure_pre_processor((image_size, image_size))
@@ -112,7 +115,9 @@ class DHKD(DistillationModuleMixin, AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        self.teacher_weights = None if teacher_weights is None else str(teacher_weights)
+        self.weights_path = renamed_argument(
+            "DHKD", "weights_path", weights_path, "teacher_weights", teacher_weights
+        )
         self.pre_trained = pre_trained
         self.lr = lr
         self.weight_decay = weight_decay
@@ -142,7 +147,7 @@ class DHKD(DistillationModuleMixin, AnomalibModule):
             msg = "DHKD normalises inside the model: remove Normalize from the pre-processor transform."
             raise ValueError(msg)
         if self.pre_trained and not bool(self.model.pretrained_loaded):
-            path = self.model.load_teacher(self.teacher_weights)
+            path = self.model.load_teacher(self.weights_path)
             logger.info("DHKD teacher initialised from %s", path)
         elif not self.pre_trained:
             logger.warning("DHKD trains with a randomly initialised teacher (pre_trained=False).")

@@ -3,7 +3,9 @@
 The network is anomalib's
 :class:`~anomalib.models.image.efficient_ad.torch_model.MediumPatchDescriptionNetwork`
 built with ``padding=True`` (spec 1.3: 384x64x64 output at 256 px; it ImageNet-normalises its [0, 1]
-input itself). Weights are never downloaded: they come from a local file. Accepted layouts:
+input itself). Its weights come from a local file when there is one, else from anomalib's own EfficientAd
+download (:func:`download_anomalib_teacher`: same URL, helper, SHA-256 and cache directory as
+``anomalib.models.EfficientAd``). Accepted file layouts:
 
 - anomalib's ``pretrained_teacher_medium.pth`` (keys ``conv1.* .. conv6.*``), also nested or prefixed, e.g.
   an anomalib EfficientAd Lightning checkpoint (``state_dict`` / ``model.teacher.conv1.weight``);
@@ -15,25 +17,44 @@ input itself). Weights are never downloaded: they come from a local file. Accept
 from __future__ import annotations
 
 import logging
-import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from anomalib.data.utils.download import download_and_extract
+from anomalib.models.image.efficient_ad.lightning_model import WEIGHTS_DOWNLOAD_INFO
 from anomalib.models.image.efficient_ad.torch_model import MediumPatchDescriptionNetwork
+from anomalib.utils.path import get_pretrained_weights_dir
 
-from anomalib_kd.components.backbones import WEIGHTS_ENV, MissingWeightsError, load_state_dict_file
+from anomalib_kd.components.weights import (
+    WEIGHTS_ENV,
+    ChecksumError,
+    MissingWeightsError,
+    downloads_disabled,
+    find_in_weights_dir,
+    offline_status,
+    read_state_dict,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "TEACHER_DOWNLOAD_INFO",
     "TEACHER_FILE_NAMES",
+    "anomalib_teacher_dir",
     "build_teacher",
     "convert_pdn_state_dict",
+    "download_anomalib_teacher",
     "load_teacher_weights",
     "resolve_teacher_file",
 ]
 
+# anomalib's EfficientAd teacher archive (URL and SHA-256), downloaded with anomalib's own helper.
+TEACHER_DOWNLOAD_INFO = WEIGHTS_DOWNLOAD_INFO
+# The folder the archive extracts to, inside anomalib's pre_trained cache (EfficientAd looks for it too).
+_ANOMALIB_TEACHER_FOLDER = "efficientad_pretrained_weights"
 # Sequential indices of the six convs in EfficientAD's get_pdn_medium (conv, relu, pool, conv, ...).
 _SEQUENTIAL_CONV_INDICES = (0, 3, 6, 8, 10, 12)
 # File names looked up in $ANOMALIB_KD_WEIGHTS and in anomalib's EfficientAd weight cache.
@@ -85,59 +106,112 @@ def convert_pdn_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch
     raise KeyError(msg)
 
 
-def _anomalib_cache_dir() -> Path:
-    """anomalib's EfficientAd weight cache (already downloaded teacher files); only read, never filled."""
+def anomalib_teacher_dir() -> Path:
+    """anomalib's EfficientAd teacher folder, ``pre_trained/efficientad_pretrained_weights`` in its cache."""
+    return get_pretrained_weights_dir() / _ANOMALIB_TEACHER_FOLDER
+
+
+def download_anomalib_teacher() -> Path:
+    """Download and extract anomalib's EfficientAd teacher archive into anomalib's cache, atomically.
+
+    anomalib's ``download_and_extract`` (its URL, progress bar and SHA-256 check) runs in a staging
+    folder inside the cache; only a verified, fully extracted folder is renamed into place, so an
+    interrupted or refused download leaves nothing behind. Returns the teacher folder.
+
+    Raises:
+        MissingWeightsError: downloads are disabled; nothing is fetched.
+        ChecksumError: the archive does not have anomalib's published SHA-256.
+    """
+    if downloads_disabled():
+        msg = f"Not downloading {TEACHER_DOWNLOAD_INFO.url}: {offline_status()}"
+        raise MissingWeightsError(msg)
+    target = anomalib_teacher_dir()
+    root = target.parent
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{_ANOMALIB_TEACHER_FOLDER}.", dir=root))
     try:
-        from anomalib.utils.path import get_pretrained_weights_dir
+        try:
+            download_and_extract(staging, TEACHER_DOWNLOAD_INFO)
+        except ValueError as error:  # anomalib's check_hash
+            msg = f"Download of {TEACHER_DOWNLOAD_INFO.url} refused ({error}). Nothing was kept in {root}."
+            raise ChecksumError(msg) from error
+        extracted = staging / _ANOMALIB_TEACHER_FOLDER
+        if not extracted.is_dir():
+            msg = f"{TEACHER_DOWNLOAD_INFO.url} did not contain the folder {_ANOMALIB_TEACHER_FOLDER}/."
+            raise RuntimeError(msg)
+        try:
+            extracted.rename(target)
+        except OSError:
+            if not target.is_dir():  # else another process finished first: keep theirs
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("anomalib's EfficientAd teacher weights downloaded to %s", target)
+    return target
 
-        return Path(get_pretrained_weights_dir()) / "efficientad_pretrained_weights"
-    except (ImportError, AttributeError):  # pragma: no cover - depends on the anomalib version
-        return Path.home() / ".cache" / "anomalib" / "pre_trained" / "efficientad_pretrained_weights"
 
+def resolve_teacher_file(weights_path: str | Path | None = None, download: bool = True) -> Path:
+    """Find the teacher file: explicit path, ``$ANOMALIB_KD_WEIGHTS``, anomalib's cache, else download.
 
-def resolve_teacher_file(teacher_weights: str | Path | None = None) -> Path:
-    """Find the teacher file: explicit path, else ``$ANOMALIB_KD_WEIGHTS``, else anomalib's EfficientAd cache.
+    Args:
+        weights_path: explicit file. If given it must exist (never replaced by a download).
+        download: allow anomalib's EfficientAd download when no local file exists (and downloads are
+            not disabled by ``ANOMALIB_KD_OFFLINE`` / ``HF_HUB_OFFLINE``).
 
     Raises:
         MissingWeightsError: no file; the message says how to supply or create one.
     """
-    if teacher_weights is not None:
-        path = Path(teacher_weights).expanduser()
+    if weights_path is not None:
+        path = Path(weights_path).expanduser()
         if path.is_file():
             return path
         msg = (
             f"DHKD teacher weights file not found: {path}. Pass an existing PDN-medium file with "
-            "`--model.teacher_weights /path/to/pretrained_teacher_medium.pth`, create one with "
+            "`--model.weights_path /path/to/pretrained_teacher_medium.pth`, create one with "
             "`python -m anomalib_kd.tools.distill_pdn`, or train with `--model.pre_trained false` "
             "(random teacher)."
         )
         raise MissingWeightsError(msg)
-    env_dir = os.environ.get(WEIGHTS_ENV)
-    search = [Path(env_dir).expanduser()] if env_dir else []
-    search.append(_anomalib_cache_dir())
-    for directory in search:
-        for name in TEACHER_FILE_NAMES:
-            if (directory / name).is_file():
-                return directory / name
+    found = find_in_weights_dir(TEACHER_FILE_NAMES)
+    if found is not None:
+        return found
+    cache = anomalib_teacher_dir()
+    for name in TEACHER_FILE_NAMES:
+        if (cache / name).is_file():
+            return cache / name
+    if download and not downloads_disabled():
+        downloaded = download_anomalib_teacher() / TEACHER_FILE_NAMES[0]
+        if downloaded.is_file():
+            return downloaded
+        msg = (
+            f"anomalib's EfficientAd archive ({TEACHER_DOWNLOAD_INFO.url}) holds no {TEACHER_FILE_NAMES[0]}."
+        )
+        raise MissingWeightsError(msg)
+    status = offline_status() if download else "Downloading was not allowed here."
     msg = (
-        "DHKD needs a PDN-medium teacher weights file, and none is available offline (nothing is "
-        f"downloaded). Looked for {list(TEACHER_FILE_NAMES)} in {[str(d) for d in search]}. Supply one in "
-        "any of these ways: (1) `--model.teacher_weights /path/to/pretrained_teacher_medium.pth` "
-        "(anomalib's EfficientAd file from efficientad_pretrained_weights.zip, or EfficientAD's "
-        "teacher_medium.pth / teacher_medium_final_state.pth); (2) put it in a directory and set "
-        f"{WEIGHTS_ENV}=/that/directory; (3) distil your own from a timm backbone: `python -m "
-        "anomalib_kd.tools.distill_pdn --images /path/to/images --output pdn_medium.pth` (WideResNet-101 as "
-        "in the paper needs its ImageNet weights file); or (4) train with `--model.pre_trained false` "
-        "(random teacher, for testing only)."
+        f"DHKD needs a PDN-medium teacher weights file, and none is available locally. {status} Looked "
+        f"for {list(TEACHER_FILE_NAMES)} in ${WEIGHTS_ENV} and {cache}. Supply one in any of these ways: "
+        "(1) `--model.weights_path /path/to/pretrained_teacher_medium.pth` (anomalib's EfficientAd file, "
+        "or EfficientAD's teacher_medium.pth / teacher_medium_final_state.pth); (2) put it in a directory "
+        f"and set {WEIGHTS_ENV}=/that/directory; (3) online, unset ANOMALIB_KD_OFFLINE / HF_HUB_OFFLINE and "
+        f"it is downloaded as anomalib's EfficientAd does ({TEACHER_DOWNLOAD_INFO.url} into {cache.parent}); "
+        "(4) distil your own from a timm backbone: `python -m anomalib_kd.tools.distill_pdn --images "
+        "/path/to/images --output pdn_medium.pth`; or (5) train with `--model.pre_trained false` (random "
+        "teacher, for testing only)."
     )
     raise MissingWeightsError(msg)
 
 
-def load_teacher_weights(teacher: torch.nn.Module, teacher_weights: str | Path | None = None) -> Path:
-    """Load the teacher (strict) from a local file in any accepted layout; returns the file used."""
-    path = resolve_teacher_file(teacher_weights)
+def load_teacher_weights(
+    teacher: torch.nn.Module, weights_path: str | Path | None = None, download: bool = True
+) -> Path:
+    """Load the teacher (strict) from a file in any accepted layout (see :func:`resolve_teacher_file`).
+
+    Returns the file used.
+    """
+    path = resolve_teacher_file(weights_path, download=download)
     try:
-        state = load_state_dict_file(path)
+        state = read_state_dict(path)
     except Exception as error:
         msg = (
             f"Could not read {path} as a state dict ({error}). If it is a whole pickled module (e.g. "

@@ -31,6 +31,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from anomalib_kd.components.module import DistillationModuleMixin
+from anomalib_kd.components.weights import renamed_argument
 
 from .loss import PDDLoss
 from .torch_model import PDDModel
@@ -48,10 +49,12 @@ class PDD(DistillationModuleMixin, AnomalibModule):
     Args:
         backbone: timm name of the CNN teacher. Default ``wide_resnet50_2.racm_in1k`` (official weights
             file ``wide_resnet50_racm-8234f177.pth``).
-        pre_trained: load both teachers' ImageNet weights from local files at the start of training
-            (never downloads). ``False``: random teachers (tests only).
-        wrn_weights_path: local CNN-teacher weights; else ``$ANOMALIB_KD_WEIGHTS`` or timm's cache.
-        vmamba_weights_path: local ``vssmtiny_dp01_ckpt_epoch_292.pth``; else ``$ANOMALIB_KD_WEIGHTS``.
+        pre_trained: load both teachers' ImageNet weights at the start of training: local files first,
+            else their standard downloads (unless ``ANOMALIB_KD_OFFLINE=1`` / ``HF_HUB_OFFLINE=1``).
+            ``False``: random teachers (tests only).
+        weights_path: CNN-teacher weights file; else ``$ANOMALIB_KD_WEIGHTS``, timm's caches, timm's download.
+        vmamba_weights_path: ``vssmtiny_dp01_ckpt_epoch_292.pth``; else ``$ANOMALIB_KD_WEIGHTS``, torch hub's
+            checkpoints folder, the official VMamba release download.
         shared_students: one decoder for both students (official code, default) or two (paper).
         tau_low, tau_high: diversity thresholds (official 0.75 / 0.30; tune per dataset).
         lambda_kr, alpha, beta, lambda_div: loss weights (official 0.02, 0.02, 0.05, 0.5).
@@ -64,13 +67,14 @@ class PDD(DistillationModuleMixin, AnomalibModule):
         sigma: Gaussian smoothing of the anomaly map.
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True``: defaults).
             The default pre-processor resizes to 256x256; any multiple of 32 works.
+        wrn_weights_path: deprecated name of ``weights_path``.
     """
 
     def __init__(
         self,
         backbone: str = "wide_resnet50_2.racm_in1k",
         pre_trained: bool = True,
-        wrn_weights_path: str | None = None,
+        weights_path: str | None = None,
         vmamba_weights_path: str | None = None,
         shared_students: bool = True,
         tau_low: float = 0.75,
@@ -92,6 +96,7 @@ class PDD(DistillationModuleMixin, AnomalibModule):
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
+        wrn_weights_path: str | None = None,
     ) -> None:
         super().__init__(
             pre_processor=pre_processor,
@@ -100,7 +105,9 @@ class PDD(DistillationModuleMixin, AnomalibModule):
             visualizer=visualizer,
         )
         self.pre_trained = pre_trained
-        self.wrn_weights_path = wrn_weights_path
+        self.weights_path = renamed_argument(
+            "PDD", "weights_path", weights_path, "wrn_weights_path", wrn_weights_path
+        )
         self.vmamba_weights_path = vmamba_weights_path
         self.lr = lr
         self.betas = (beta1, beta2)
@@ -124,9 +131,9 @@ class PDD(DistillationModuleMixin, AnomalibModule):
         )
 
     def on_train_start(self) -> None:
-        """Load both local teachers once (after any checkpoint restore: resuming needs no file)."""
+        """Load both teachers once (after any checkpoint restore: resuming needs no file)."""
         if self.pre_trained and not bool(self.model.pretrained_loaded):
-            wrn, vmamba = self.model.load_pretrained(self.wrn_weights_path, self.vmamba_weights_path)
+            wrn, vmamba = self.model.load_pretrained(self.weights_path, self.vmamba_weights_path)
             logger.info("PDD teachers initialised from %s and %s", wrn, vmamba)
         elif not self.pre_trained:
             logger.warning("PDD trains with randomly initialised teachers (pre_trained=False).")

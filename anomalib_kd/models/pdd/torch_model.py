@@ -17,7 +17,6 @@ Any input side that is a multiple of 32 works: the prior sizes are taken from f_
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,14 +31,10 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_kd.components.anomaly_map import AnomalyMapGenerator
-from anomalib_kd.components.backbones import (
-    WEIGHTS_ENV,
-    MissingWeightsError,
-    create_feature_extractor,
-    load_pretrained_backbone,
-)
+from anomalib_kd.components.backbones import create_feature_extractor, load_pretrained_backbone
 from anomalib_kd.components.normalization import ImageNetNormalize
-from anomalib_kd.components.ssm import VMAMBA_TINY_CHECKPOINT, VMambaTiny, load_vmamba_checkpoint
+from anomalib_kd.components.ssm import VMambaTiny
+from anomalib_kd.components.ssm.vmamba import load_pretrained_vmamba
 
 WRN_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 N_LEVELS = 3
@@ -163,28 +158,6 @@ def _kaiming_init(module: nn.Module) -> None:
             nn.init.zeros_(sub.bias)
 
 
-def resolve_vmamba_weights(weights_path: str | Path | None = None) -> Path:
-    """The local VMamba-Tiny v0 checkpoint: explicit path, else ``$ANOMALIB_KD_WEIGHTS/<official name>``."""
-    if weights_path is not None:
-        path = Path(weights_path).expanduser()
-        if path.is_file():
-            return path
-        msg = f"VMamba-Tiny v0 checkpoint not found: {path} (expected the official {VMAMBA_TINY_CHECKPOINT})."
-        raise MissingWeightsError(msg)
-    env_dir = os.environ.get(WEIGHTS_ENV)
-    if env_dir and (Path(env_dir).expanduser() / VMAMBA_TINY_CHECKPOINT).is_file():
-        return Path(env_dir).expanduser() / VMAMBA_TINY_CHECKPOINT
-    msg = (
-        f"No VMamba-Tiny v0 checkpoint available offline. Download {VMAMBA_TINY_CHECKPOINT} (VMamba GitHub "
-        f"release '#v0cls') and either pass it "
-        f"(`--model.vmamba_weights_path /path/to/{VMAMBA_TINY_CHECKPOINT}`) "
-        f"or put it in the directory named by {WEIGHTS_ENV} "
-        f"(currently {'set to ' + repr(env_dir) if env_dir else 'unset'}). It is never downloaded. Or train "
-        "with `pre_trained=False` (random teachers, much lower accuracy)."
-    )
-    raise MissingWeightsError(msg)
-
-
 class PDDModel(nn.Module):
     """Dual-teacher, dual-student PDD network.
 
@@ -232,12 +205,15 @@ class PDDModel(nn.Module):
     # -- weights ----------------------------------------------------------------------------------
 
     def load_pretrained(
-        self, wrn_weights_path: str | Path | None = None, vmamba_weights_path: str | Path | None = None
+        self, weights_path: str | Path | None = None, vmamba_weights_path: str | Path | None = None
     ) -> tuple[Path, Path]:
-        """Load both teachers from local files (never downloads); both files are found before loading."""
-        vmamba_path = resolve_vmamba_weights(vmamba_weights_path)
-        wrn_path = load_pretrained_backbone(self.cnn_teacher, self.backbone, wrn_weights_path)
-        load_vmamba_checkpoint(self.mamba_teacher, vmamba_path)
+        """Load both teachers: local files first, else their standard downloads (see the two loaders).
+
+        ``weights_path`` is the CNN teacher's file (:func:`load_pretrained_backbone`), ``vmamba_weights_path``
+        VMamba-Tiny's (:func:`load_pretrained_vmamba`, loaded first: the larger risk of a missing file).
+        """
+        vmamba_path = load_pretrained_vmamba(self.mamba_teacher, vmamba_weights_path)
+        wrn_path = load_pretrained_backbone(self.cnn_teacher, self.backbone, weights_path)
         self.pretrained_loaded.fill_(True)
         return wrn_path, vmamba_path
 

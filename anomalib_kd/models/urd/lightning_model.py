@@ -47,9 +47,10 @@ class URD(DistillationModuleMixin, AnomalibModule):
     Args:
         backbone: timm name of expert and teacher. Default: torchvision's ImageNet WRN50-2 (the paper's).
         layers: teacher layers tapped.
-        pre_trained: load ImageNet weights for expert and teacher from a local file at the start of
-            training (never downloads; see ``weights_path``).
-        weights_path: the local weights file; else ``$ANOMALIB_KD_WEIGHTS`` or timm's cache is searched.
+        pre_trained: load ImageNet weights for expert and teacher at the start of training (see
+            ``weights_path``).
+        weights_path: the weights file; else ``$ANOMALIB_KD_WEIGHTS``, timm's caches, then timm's own
+            download (unless ``ANOMALIB_KD_OFFLINE=1`` / ``HF_HUB_OFFLINE=1``).
         injection: teacher-feature skips into the student (URD); ``False`` gives plain RD4AD.
         similarity_attention: GII similarity attention (the paper's; default). ``False`` reproduces the
             official training scripts, which run the skips without it.
@@ -106,7 +107,7 @@ class URD(DistillationModuleMixin, AnomalibModule):
         self.automatic_optimization = False
 
     def on_train_start(self) -> None:
-        """Load local pretrained weights once (after any checkpoint restore: resuming needs no file)."""
+        """Load pretrained weights once (after any checkpoint restore: resuming needs no file)."""
         if self.pre_trained and not bool(self.model.pretrained_loaded):
             path = self.model.load_pretrained(self.weights_path)
             logger.info("URD expert and teacher initialised from %s", path)

@@ -189,7 +189,10 @@ class BudgetedEfficientAd(TrainingBudget, _EfficientAd):
         try:
             if size != "medium":
                 raise MissingWeightsError(f"only the medium teacher can be loaded here (model_size={size})")
-            self.teacher_source = str(load_teacher_weights(self.model.teacher, self.teacher_weights))
+            # download=False: the harness stays offline (random teacher when no local file, labelled).
+            self.teacher_source = str(
+                load_teacher_weights(self.model.teacher, self.teacher_weights, download=False)
+            )
         except MissingWeightsError as error:
             if self.teacher_weights is not None:
                 raise
