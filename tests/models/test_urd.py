@@ -19,6 +19,7 @@ from anomalib.engine import Engine
 
 from anomalib_kd import URD
 from anomalib_kd.components.backbones import MissingWeightsError
+from anomalib_kd.components.synthesis import ForegroundMasker
 from anomalib_kd.models.urd.loss import (
     StudentDenoisingLoss,
     TeacherSensitivityLoss,
@@ -186,12 +187,26 @@ def test_frozen_expert_stays_frozen_while_training(tiny_textures_root: Path) -> 
     lightning.seed_everything(0)
     datamodule = tiny_textures(tiny_textures_root)
     datamodule.setup()
-    model = URD(backbone=FAST_BACKBONE, pre_trained=False)  # iterations "auto": 5000, capped by max_steps
+    # iterations "auto" (5000, capped by max_steps); GrabCut foreground masks exercised in a real step
+    model = URD(backbone=FAST_BACKBONE, pre_trained=False, foreground_mask="grabcut")
     expert = {k: v.clone() for k, v in model.model.expert.state_dict().items()}
     teacher = {k: v.clone() for k, v in model.model.teacher.state_dict().items()}
     assert any("running_mean" in k for k in expert)
+    synthesized = []
+    synthesize = model.synthesizer.forward
+
+    def recording_synthesis(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        augmented, masks = synthesize(images)
+        synthesized.append((images, masks))
+        return augmented, masks
+
+    model.synthesizer.forward = recording_synthesis
     fit_recording_losses(model, datamodule.train_dataloader(), max_steps=2)
+    assert synthesized
+    for images, masks in synthesized:  # the training step's anomalies stay on the GrabCut foreground
+        assert not (masks * (1 - ForegroundMasker("grabcut")(images))).any()
     assert model.iteration_budget == 5000  # "auto" resolved when training started
+    assert model.synthesizer.foreground == "grabcut"  # an explicit choice is kept
     after = model.model.expert.state_dict()
     changed = [k for k in expert if not torch.equal(expert[k], after[k].cpu())]
     assert not changed, changed[:5]

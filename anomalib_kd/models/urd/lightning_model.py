@@ -88,7 +88,7 @@ class URD(DistillationModuleMixin, AnomalibModule):
         injection: bool = True,
         similarity_attention: bool = True,
         texture_dir: str | None = None,
-        foreground_mask: str | None = "auto",
+        foreground_mask: Literal["auto", "grabcut", "otsu_inverted"] | None = "auto",
         teacher_lr: float = 1e-4,
         student_lr: float = 5e-3,
         iterations: int | Literal["auto"] | None = "auto",
