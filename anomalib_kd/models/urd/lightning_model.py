@@ -72,10 +72,10 @@ class URD(DistillationModuleMixin, AnomalibModule):
         student_lr: Adam learning rate of the student (official 5e-3).
         iterations: training iterations at batch 16. ``"auto"`` (default): the official counts, 10000 for
             MVTec AD cable and transistor and for VisA, else 5000 (the paper states 5000). As the official
-            code, training stops
-            at the end of the epoch in which this count is reached, so validation always runs and the
-            post-processor's thresholds are fitted. ``--trainer.max_epochs`` / ``max_steps`` still cap it
-            (Lightning counts two optimizer steps per iteration). ``None``: the trainer decides.
+            code, training stops at the end of the epoch in which this count is reached, so validation
+            always runs and the post-processor's thresholds are fitted. ``--trainer.max_epochs`` /
+            ``max_steps`` still cap it (Lightning counts two optimizer steps per iteration). ``None``: the
+            trainer decides.
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True``: defaults).
     """
 
