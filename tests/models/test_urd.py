@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning
 import numpy as np
 import pytest
 import torch
+from anomalib.data import MVTecAD, Visa
 from anomalib.engine import Engine
 
 from anomalib_kd import URD
 from anomalib_kd.components.backbones import MissingWeightsError
-from anomalib_kd.models.urd.loss import mask_pyramid
+from anomalib_kd.components.synthesis import ForegroundMasker
+from anomalib_kd.models.urd.loss import (
+    StudentDenoisingLoss,
+    TeacherSensitivityLoss,
+    global_cosine_distance,
+    mask_pyramid,
+)
 from anomalib_kd.models.urd.torch_model import URDModel
 
 from ..conftest import TINY_TEXTURES, tiny_textures
@@ -83,13 +93,27 @@ def test_gii_switches(injection: bool, similarity_attention: bool) -> None:
 
 
 def test_gii_changes_the_output() -> None:
+    """Same weights, GII toggled: similarity attention on vs off, and injection on vs off, change the
+    student's features and the anomaly map (a GII that did nothing would leave them equal)."""
     torch.manual_seed(0)
     with_gii = URDModel(backbone=FAST_BACKBONE, similarity_attention=True).eval()
-    torch.manual_seed(0)
-    without = URDModel(backbone=FAST_BACKBONE, injection=False).eval()
+    without_attention = copy.deepcopy(with_gii)
+    for gii in without_attention.student.injections:
+        gii.similarity_attention = None  # the official scripts' wo-GII path, all other weights shared
+    without_injection = copy.deepcopy(with_gii)
+    without_injection.student.injections = None  # plain RD4AD decoder, same bottleneck/decoder weights
     images = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        assert not torch.allclose(with_gii(images).anomaly_map, without(images).anomaly_map)
+        features = with_gii.teacher_features(images)
+        reference = with_gii.student(features)
+        for variant in (without_attention, without_injection):
+            student = variant.student(features)
+            # D3 comes before any injection: identical weights give identical values ...
+            torch.testing.assert_close(student[2], reference[2], rtol=0, atol=0)
+            # ... and GII enters at D2 and D1.
+            for level in (0, 1):
+                assert (student[level] - reference[level]).abs().max() > 1e-3 * reference[level].abs().max()
+            assert not torch.allclose(variant(images).anomaly_map, with_gii(images).anomaly_map, atol=1e-5)
 
 
 def test_mask_pyramid_is_cascaded_and_binary() -> None:
@@ -100,6 +124,144 @@ def test_mask_pyramid_is_cascaded_and_binary() -> None:
     for level in levels:
         assert set(level.unique().tolist()) <= {0.0, 1.0}
         assert level.sum() > 0
+
+
+def pixel_features(*pixels: tuple[float, float]) -> torch.Tensor:
+    """A (1, 2, 2, 2) feature map from four 2-channel pixel vectors in row-major order."""
+    return torch.tensor(pixels, dtype=torch.float32).T.reshape(1, 2, 2, 2)
+
+
+def test_global_cosine_distance_by_hand() -> None:
+    """g(a, b) = mean over the batch of 1 - cos(vec a, vec b), each sample flattened over C, H, W."""
+    a = torch.tensor([[[[1.0, 0.0]], [[0.0, 0.0]]], [[[1.0, 1.0]], [[0.0, 0.0]]]])  # (2, 2, 1, 2)
+    b = torch.tensor([[[[0.0, 1.0]], [[0.0, 0.0]]], [[[1.0, 0.0]], [[0.0, 0.0]]]])
+    # sample 0: orthogonal -> 1; sample 1: 45 degrees -> 1 - 1/sqrt(2)
+    expected = (1 + (1 - 1 / math.sqrt(2))) / 2
+    assert global_cosine_distance(a, b).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_teacher_loss_by_hand() -> None:
+    """L_T on two identical 2x2 levels: pixel term + masked L1 against E(x) + global term against E(x~)."""
+    east, north, diagonal, west = (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (-1.0, 0.0)
+    teacher_normal = pixel_features(east, north, diagonal, west)
+    teacher_anomalous = pixel_features(north, east, north, east)
+    expert_normal = pixel_features(east, east, east, east)
+    expert_anomalous = pixel_features(north, north, north, east)
+    mask = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    # 1 - cos(T(x), E(x)) per pixel: 0, 1, 1 - 1/sqrt(2), 2
+    normal_term = (0 + 1 + (1 - 1 / math.sqrt(2)) + 2) / 4
+    # 1 - cos(T(x~), E(x)) per pixel: 1, 0, 1, 0; minus the mask 1, 0, 0, 0 -> |.| = 0, 0, 1, 0
+    masked_term = 1 / 4
+    # vec T(x~) = [0,1,0,1 | 1,0,1,0], vec E(x~) = [0,0,0,1 | 1,1,1,0]: cos = 3 / (2 * 2)
+    global_term = 1 - 3 / 4
+    level = normal_term + masked_term + global_term
+    loss = TeacherSensitivityLoss()(
+        [teacher_normal] * 2, [teacher_anomalous] * 2, [expert_normal] * 2, [expert_anomalous] * 2, mask
+    )
+    assert loss.item() == pytest.approx(2 * level, abs=1e-6)  # summed over levels, not averaged
+
+
+def test_student_loss_by_hand() -> None:
+    """L_S = sum over levels of g(S(x), T(x)) + g(S(x~), T(x)) + g(S(x), E(x)) + g(S(x~), E(x))."""
+
+    def batch(*vectors: tuple[float, float]) -> torch.Tensor:
+        return torch.tensor(vectors, dtype=torch.float32).view(len(vectors), 2, 1, 1)
+
+    teacher_normal = batch((1, 0), (1, 0))
+    expert_normal = batch((0, 1), (1, 0))
+    student_normal = batch((1, 0), (-1, 0))
+    student_anomalous = batch((1, 1), (0, 1))
+    # sample 0: g(S(x),T)=0, g(S(x~),T)=1-1/sqrt2, g(S(x),E)=1, g(S(x~),E)=1-1/sqrt2
+    # sample 1: 2, 1, 2, 1
+    per_sample = [0 + 2 * (1 - 1 / math.sqrt(2)) + 1, 2 + 1 + 2 + 1]
+    level = sum(per_sample) / 2  # each g is a batch mean
+    loss = StudentDenoisingLoss()(
+        [student_normal] * 3, [student_anomalous] * 3, [teacher_normal] * 3, [expert_normal] * 3
+    )
+    assert loss.item() == pytest.approx(3 * level, abs=1e-6)
+
+
+def test_frozen_expert_stays_frozen_while_training(tiny_textures_root: Path) -> None:
+    """A training iteration: the expert's weights and BatchNorm running statistics are unchanged
+    (it runs in eval mode under no_grad), while the teacher's do change."""
+    lightning.seed_everything(0)
+    datamodule = tiny_textures(tiny_textures_root)
+    datamodule.setup()
+    # iterations "auto" (5000, capped by max_steps); GrabCut foreground masks exercised in a real step
+    model = URD(backbone=FAST_BACKBONE, pre_trained=False, foreground_mask="grabcut")
+    expert = {k: v.clone() for k, v in model.model.expert.state_dict().items()}
+    teacher = {k: v.clone() for k, v in model.model.teacher.state_dict().items()}
+    assert any("running_mean" in k for k in expert)
+    synthesized = []
+    synthesize = model.synthesizer.forward
+
+    def recording_synthesis(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        augmented, masks = synthesize(images)
+        synthesized.append((images, masks))
+        return augmented, masks
+
+    model.synthesizer.forward = recording_synthesis
+    fit_recording_losses(model, datamodule.train_dataloader(), max_steps=2)
+    assert synthesized
+    for images, masks in synthesized:  # the training step's anomalies stay on the GrabCut foreground
+        assert not (masks * (1 - ForegroundMasker("grabcut")(images))).any()
+    assert model.iteration_budget == 5000  # "auto" resolved when training started
+    assert model.synthesizer.foreground == "grabcut"  # an explicit choice is kept
+    after = model.model.expert.state_dict()
+    changed = [k for k in expert if not torch.equal(expert[k], after[k].cpu())]
+    assert not changed, changed[:5]
+    teacher_after = model.model.teacher.state_dict()
+    assert not torch.equal(
+        teacher["feature_extractor.bn1.running_mean"], teacher_after["feature_extractor.bn1.running_mean"]
+    )
+    assert not torch.equal(
+        teacher["feature_extractor.conv1.weight"], teacher_after["feature_extractor.conv1.weight"]
+    )
+
+
+def attach_data(model: URD, datamodule: object) -> None:
+    """Give ``model`` a stand-in trainer that only knows its datamodule (what the settings look at)."""
+    model._trainer = SimpleNamespace(datamodule=datamodule)
+
+
+@pytest.mark.parametrize(
+    ("datamodule", "foreground", "iterations"),
+    [
+        (MVTecAD(category="bottle"), "grabcut", 5000),
+        (MVTecAD(category="cable"), "grabcut", 10_000),
+        (MVTecAD(category="capsule"), "otsu_inverted", 5000),
+        (MVTecAD(category="screw"), "otsu_inverted", 5000),
+        (MVTecAD(category="transistor"), None, 10_000),
+        (MVTecAD(category="carpet"), None, 5000),
+        (Visa(category="pcb1"), "grabcut", 10_000),
+        (None, None, 5000),
+    ],
+)
+def test_auto_settings_follow_the_official_code(
+    datamodule: object, foreground: str | None, iterations: int, tiny_textures_root: Path
+) -> None:
+    """Spec 2.4/2.5: GrabCut / inverted-Otsu masks per object category, 10000 iterations where official."""
+    model = URD(backbone=FAST_BACKBONE, pre_trained=False)
+    attach_data(model, datamodule if datamodule is not None else tiny_textures(tiny_textures_root))
+    model.resolve_official_settings()
+    assert model.synthesizer.foreground == foreground
+    assert model.iteration_budget == iterations
+
+
+def test_explicit_settings_override_auto() -> None:
+    model = URD(backbone=FAST_BACKBONE, pre_trained=False, foreground_mask=None, iterations=7)
+    attach_data(model, MVTecAD(category="capsule"))
+    model.resolve_official_settings()
+    assert model.synthesizer.foreground is None
+    assert model.iteration_budget == 7
+    own = URD(backbone=FAST_BACKBONE, pre_trained=False, foreground_mask="grabcut")
+    attach_data(own, None)
+    own.resolve_official_settings()
+    assert own.synthesizer.foreground == "grabcut"  # a user's own object data
+    with pytest.raises(ValueError, match="foreground_mask='otsu'"):
+        URD(backbone=FAST_BACKBONE, pre_trained=False, foreground_mask="otsu")
+    with pytest.raises(ValueError, match="iterations='many'"):
+        URD(backbone=FAST_BACKBONE, pre_trained=False, iterations="many")
 
 
 def test_loss_decreases_on_tiny_data(tiny_textures_root: Path) -> None:

@@ -18,9 +18,11 @@ Example:
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
-from anomalib.data import Batch
+from anomalib.data import Batch, MVTecAD, Visa
+from anomalib.data.datasets import MVTecADDataset, VisaDataset
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
@@ -29,7 +31,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from anomalib_kd.components.module import DistillationModuleMixin
-from anomalib_kd.components.synthesis import AnomalySynthesizer
+from anomalib_kd.components.synthesis import FOREGROUND_METHODS, URD_MVTEC_FOREGROUND, AnomalySynthesizer
 
 from .loss import StudentDenoisingLoss, TeacherSensitivityLoss
 from .torch_model import URDModel
@@ -37,6 +39,11 @@ from .torch_model import URDModel
 logger = logging.getLogger(__name__)
 
 __all__ = ["URD"]
+
+# Official iteration counts (spec part 2.5): 5000, but 10000 for MVTec cable/transistor and all VisA.
+_DEFAULT_ITERATIONS = 5000
+_LONG_ITERATIONS = 10_000
+_LONG_MVTEC_CATEGORIES = ("cable", "transistor")
 
 _NAN_HINT = "Try lower learning rates (--model.teacher_lr / --model.student_lr) or check the input images."
 
@@ -54,14 +61,22 @@ class URD(DistillationModuleMixin, AnomalibModule):
         injection: teacher-feature skips into the student (URD); ``False`` gives plain RD4AD.
         similarity_attention: GII similarity attention (the paper's; default). ``False`` reproduces the
             official training scripts, which run the skips without it.
-        texture_dir: folder of anomaly-source textures (DTD's ``images/``). ``None``: Perlin-noise
-            textures, no download.
+        texture_dir: folder of anomaly-source textures (DTD's ``images/``), used as they are (the official
+            code does not augment them). ``None``: anomalib's colour-augmented Perlin-noise textures, no
+            download (not the paper's setting).
+        foreground_mask: restrict synthetic anomalies to the object. ``"auto"`` (default) follows the
+            official code: GrabCut for MVTec AD bottle, cable, hazelnut, metal_nut, pill, toothbrush,
+            zipper and every VisA category, an inverted Otsu threshold for capsule and screw, nothing for
+            the other categories and for any other datamodule. ``"grabcut"`` / ``"otsu_inverted"``
+            compute that mask on every training image (your own object data); ``None``: no restriction.
         teacher_lr: Adam learning rate of the teacher (official 1e-4).
         student_lr: Adam learning rate of the student (official 5e-3).
-        iterations: training iterations (paper: 5000 at batch 16). As the official code, training stops
-            at the end of the epoch in which this count is reached, so validation always runs and the
-            post-processor's thresholds are fitted. ``--trainer.max_epochs`` / ``max_steps`` still cap it
-            (Lightning counts two optimizer steps per iteration). ``None``: the trainer decides.
+        iterations: training iterations at batch 16. ``"auto"`` (default): the official counts, 10000 for
+            MVTec AD cable and transistor and for VisA, else 5000 (the paper states 5000). As the official
+            code, training stops at the end of the epoch in which this count is reached, so validation
+            always runs and the post-processor's thresholds are fitted. ``--trainer.max_epochs`` /
+            ``max_steps`` still cap it (Lightning counts two optimizer steps per iteration). ``None``: the
+            trainer decides.
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True``: defaults).
     """
 
@@ -74,9 +89,10 @@ class URD(DistillationModuleMixin, AnomalibModule):
         injection: bool = True,
         similarity_attention: bool = True,
         texture_dir: str | None = None,
+        foreground_mask: Literal["auto", "grabcut", "otsu_inverted"] | None = "auto",
         teacher_lr: float = 1e-4,
         student_lr: float = 5e-3,
-        iterations: int | None = 5000,
+        iterations: int | Literal["auto"] | None = "auto",
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -92,22 +108,74 @@ class URD(DistillationModuleMixin, AnomalibModule):
         self.weights_path = weights_path
         self.teacher_lr = teacher_lr
         self.student_lr = student_lr
+        if foreground_mask not in (None, "auto", *FOREGROUND_METHODS):
+            choices = sorted(FOREGROUND_METHODS)
+            msg = f"foreground_mask={foreground_mask!r}: use 'auto', None or one of {choices}."
+            raise ValueError(msg)
+        if (
+            iterations is not None
+            and iterations != "auto"
+            and (isinstance(iterations, str) or iterations < 1)
+        ):
+            msg = f"iterations={iterations!r}: use a positive integer, 'auto' or None."
+            raise ValueError(msg)
         self.iterations = iterations
+        self.foreground_mask = foreground_mask
+        self.iteration_budget: int | None = None if iterations == "auto" else iterations
         self.model = URDModel(
             backbone=backbone,
             layers=tuple(layers),
             injection=injection,
             similarity_attention=similarity_attention,
         )
+        # Official: DTD textures unaugmented (the Perlin-noise fallback keeps anomalib's augmentation).
         self.synthesizer = AnomalySynthesizer(
-            texture_dir=texture_dir, probability=1.0, blend_factor=(0.2, 1.0)
+            texture_dir=texture_dir,
+            probability=1.0,
+            blend_factor=(0.2, 1.0),
+            augment_texture=texture_dir is None,
+            foreground=None if foreground_mask == "auto" else foreground_mask,
         )
         self.teacher_loss = TeacherSensitivityLoss()
         self.student_loss = StudentDenoisingLoss()
         self.automatic_optimization = False
 
+    def training_data(self) -> tuple[str | None, str | None]:
+        """``("mvtecad" | "visa" | None, category)`` of the data being trained on (datamodule or dataset)."""
+        trainer = self.trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        if isinstance(datamodule, MVTecAD):
+            return "mvtecad", datamodule.category
+        if isinstance(datamodule, Visa):
+            return "visa", datamodule.category
+        dataset = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
+        if isinstance(dataset, MVTecADDataset):
+            return "mvtecad", dataset.category
+        if isinstance(dataset, VisaDataset):
+            return "visa", dataset.root_category.name
+        return None, None
+
+    def resolve_official_settings(self) -> None:
+        """Resolve ``foreground_mask``/``iterations`` ``"auto"`` from the training data (spec 2.4, 2.5)."""
+        kind, category = self.training_data()
+        if self.foreground_mask == "auto":
+            method = "grabcut" if kind == "visa" else URD_MVTEC_FOREGROUND.get(category) if kind else None
+            self.synthesizer.foreground = method
+            logger.info(
+                "URD foreground masks: %s (official rule for %s %s)",
+                method or "none",
+                kind or "this data",
+                category or "",
+            )
+        if self.iterations == "auto":
+            long_run = kind == "visa" or (kind == "mvtecad" and category in _LONG_MVTEC_CATEGORIES)
+            self.iteration_budget = _LONG_ITERATIONS if long_run else _DEFAULT_ITERATIONS
+            logger.info("URD trains for %d iterations (official count for this data)", self.iteration_budget)
+
     def on_train_start(self) -> None:
-        """Load pretrained weights once (after any checkpoint restore: resuming needs no file)."""
+        """Resolve the official per-category settings; load pretrained weights once (after any
+        checkpoint restore: resuming needs no file)."""
+        self.resolve_official_settings()
         if self.pre_trained and not bool(self.model.pretrained_loaded):
             path = self.model.load_pretrained(self.weights_path)
             logger.info("URD expert and teacher initialised from %s", path)
@@ -172,5 +240,5 @@ class URD(DistillationModuleMixin, AnomalibModule):
 
     def on_train_epoch_end(self) -> None:
         """Stop after the epoch in which ``iterations`` is reached (validation of this epoch has run)."""
-        if self.iterations is not None and self.completed_iterations >= self.iterations:
+        if self.iteration_budget is not None and self.completed_iterations >= self.iteration_budget:
             self.trainer.should_stop = True
