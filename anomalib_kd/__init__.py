@@ -19,10 +19,13 @@ _LAZY = {
     "PDD": "anomalib_kd.models",
     "Textures": "anomalib_kd.data",
     "FewShotTasks": "anomalib_kd.data",
+    "HighBitDepthFolder": "anomalib_kd.data",
+    "HighBitDepthMVTecAD": "anomalib_kd.data",
+    "read_image": "anomalib_kd.data",
 }
 
 if TYPE_CHECKING:
-    from .data import FewShotTasks, Textures
+    from .data import FewShotTasks, HighBitDepthFolder, HighBitDepthMVTecAD, Textures, read_image
     from .models import D24FAD, DHKD, PDD, URD
 
 __all__ = [
@@ -31,8 +34,11 @@ __all__ = [
     "PDD",
     "URD",
     "FewShotTasks",
+    "HighBitDepthFolder",
+    "HighBitDepthMVTecAD",
     "Textures",
     "autoload",
+    "read_image",
     "register_into_anomalib",
 ]
 

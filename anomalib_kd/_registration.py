@@ -44,6 +44,8 @@ _FALLBACK = {
     "anomalib_kd.datamodules": {
         "Textures": "anomalib_kd.data.textures:Textures",
         "FewShotTasks": "anomalib_kd.data.fewshot:FewShotTasks",
+        "HighBitDepthFolder": "anomalib_kd.data.high_bit_depth:HighBitDepthFolder",
+        "HighBitDepthMVTecAD": "anomalib_kd.data.high_bit_depth:HighBitDepthMVTecAD",
     },
 }
 

@@ -17,7 +17,7 @@ from .helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 USER_MODELS = {"URD", "DHKD", "PDD", "D24FAD"}
-USER_DATAMODULES = {"Textures", "FewShotTasks"}
+USER_DATAMODULES = {"Textures", "FewShotTasks", "HighBitDepthFolder", "HighBitDepthMVTecAD"}
 
 
 class Registered:
@@ -122,7 +122,7 @@ print(hasattr(data, 'KDBench'), all(hasattr(models, n) for n in {models}),
 
 @pytest.mark.slow
 def test_only_the_user_facing_classes_are_registered(tmp_path: Path) -> None:
-    """The four models and two datamodules; none of the benchmark harness (Budgeted*, KDBench)."""
+    """The four models and the user datamodules; none of the benchmark harness (Budgeted*, KDBench)."""
     probe = PROBE.format(models=sorted(USER_MODELS), data=sorted(USER_DATAMODULES))
     lines = run_cli([sys.executable, "-c", probe], cwd=tmp_path).stdout.strip().splitlines()
     assert lines[0] == str(sorted(USER_MODELS))

@@ -3,7 +3,6 @@
 from .fewshot import FewShotTasks
 from .high_bit_depth import HighBitDepthFolder, HighBitDepthMVTecAD
 from .image import ImageReadError, read_image
-from .kdbench import KDBench, KDBenchTasks
 from .textures import Textures
 
 __all__ = [
@@ -11,8 +10,6 @@ __all__ = [
     "HighBitDepthFolder",
     "HighBitDepthMVTecAD",
     "ImageReadError",
-    "KDBench",
-    "KDBenchTasks",
     "Textures",
     "read_image",
 ]

@@ -28,7 +28,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 from torch.utils.data import DataLoader, Dataset
@@ -36,13 +35,13 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from anomalib_kd.components.backbones import create_feature_extractor, load_pretrained_backbone
+from anomalib_kd.data.image import image_files, read_image
 from anomalib_kd.models.dhkd.teacher import build_teacher
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PatchFeatureTarget", "distill_pdn", "main"]
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -51,10 +50,7 @@ class _ImageFolder(Dataset):
     """All images under ``root`` (recursive), as ``(backbone_view, pdn_view)`` in [0, 1]."""
 
     def __init__(self, root: Path, backbone_size: int, pdn_size: int, grayscale_p: float) -> None:
-        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.files:
-            msg = f"No images ({sorted(IMAGE_SUFFIXES)}) found under {root}"
-            raise FileNotFoundError(msg)
+        self.files = image_files(root)  # raises, naming root, when it holds no image
         self.augment = v2.RandomGrayscale(grayscale_p)
         self.backbone_size = backbone_size
         self.pdn_size = pdn_size
@@ -63,11 +59,7 @@ class _ImageFolder(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        with Image.open(self.files[index]) as image:
-            tensor = v2.functional.to_dtype(
-                v2.functional.to_image(image.convert("RGB")), torch.float32, scale=True
-            )
-        tensor = self.augment(tensor)
+        tensor = self.augment(read_image(self.files[index]))
         big = v2.functional.resize(tensor, [self.backbone_size] * 2, antialias=True)
         small = v2.functional.resize(tensor, [self.pdn_size] * 2, antialias=True)
         return big, small

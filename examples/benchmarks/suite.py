@@ -14,7 +14,7 @@
 3. Report: ``python -m anomalib_kd.tools.benchmark_report`` turns both into ``<output>/report.md`` and two
    plots, and with ``--readme README.md`` rewrites the README's results block.
 
-Data: kdbench, found by ``anomalib_kd.data.KDBench`` (``--data`` or ``$ANOMALIB_KD_KDBENCH``, else
+Data: kdbench, found by the harness's ``KDBench`` (``--data`` or ``$ANOMALIB_KD_KDBENCH``, else
 ``../shared/data/kdbench``). Teachers are random-initialised unless the configs are edited to load weights.
 """
 

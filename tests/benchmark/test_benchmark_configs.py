@@ -15,16 +15,15 @@ import yaml
 from anomalib.data import get_datamodule
 from anomalib.models import get_model
 from anomalib.pipelines.components.utils import get_iterator_from_grid_dict
+from harness import BudgetedEfficientAd, register_harness
+from harness.kdbench import KDBENCH_CATEGORIES, KDBENCH_ENV
 
 from anomalib_kd import D24FAD, DHKD, PDD, URD
-from anomalib_kd.data.kdbench import KDBENCH_CATEGORIES, KDBENCH_ENV
 from tests.helpers import make_tasks, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS = REPO / "examples" / "benchmarks"
 SUITE = sorted((BENCHMARKS / "configs").glob("*.yaml"))
-sys.path.insert(0, str(BENCHMARKS))
-from harness import BudgetedEfficientAd, register_harness  # noqa: E402
 
 EXPECTED = {"urd": URD, "dhkd": DHKD, "pdd": PDD, "d24fad": D24FAD, "efficientad": "EfficientAd",
             "reverse_distillation": "ReverseDistillation", "patchcore": "Patchcore"}  # fmt: skip

@@ -13,7 +13,7 @@ from anomalib.data import Folder, MVTecAD
 from PIL import Image
 from torchvision.transforms.v2 import Compose, RandomHorizontalFlip, Resize
 
-from anomalib_kd.data import HighBitDepthFolder, HighBitDepthMVTecAD, ImageReadError, KDBench
+from anomalib_kd.data import HighBitDepthFolder, HighBitDepthMVTecAD, ImageReadError
 from tests.helpers import make_tasks
 
 
@@ -76,7 +76,7 @@ def test_mvtecad_items_equal_anomalib_on_8bit_data(tmp_path: Path) -> None:
     assert any(item.gt_mask.any() for item in ours.test_data)  # defect masks survived the flip
 
 
-def test_kdbench_16bit_category_and_unreadable_file(tmp_path: Path) -> None:
+def test_mvtecad_16bit_category_and_unreadable_file(tmp_path: Path) -> None:
     root = tmp_path / "kdbench"
     write_xray_folder(root / "head_ct" / "train")  # train/good (+ bad, masks: ignored by MVTec's parser)
     (root / "head_ct" / "test").mkdir()
@@ -85,13 +85,13 @@ def test_kdbench_16bit_category_and_unreadable_file(tmp_path: Path) -> None:
     (root / "head_ct" / "train" / "masks").rename(root / "head_ct" / "ground_truth" / "bad")
     for mask in (root / "head_ct" / "ground_truth" / "bad").iterdir():
         mask.rename(mask.with_name(mask.stem + "_mask.png"))
-    datamodule = KDBench(root=root, category="head_ct", train_batch_size=4, eval_batch_size=4)
+    datamodule = HighBitDepthMVTecAD(root=root, category="head_ct", train_batch_size=4, eval_batch_size=4)
     datamodule.setup()
     images = next(iter(datamodule.train_dataloader())).image
     assert 1000 / 65535 - 1e-6 <= float(images.min()) < float(images.max()) <= 3000 / 65535 + 1e-6
     empty = root / "head_ct" / "test" / "bad" / "001.png"
     empty.write_bytes(b"")
-    datamodule = KDBench(root=root, category="head_ct", eval_batch_size=4)
+    datamodule = HighBitDepthMVTecAD(root=root, category="head_ct", eval_batch_size=4)
     datamodule.setup()
     with pytest.raises(ImageReadError, match=re.escape(str(empty)) + r".*empty \(0 bytes\)"):
         list(datamodule.test_dataloader())

@@ -34,7 +34,10 @@ __all__ = [
     "register_harness",
 ]
 
-HARNESS_DATAMODULES = {"KDBench": "anomalib_kd.data.kdbench:KDBench"}
+HARNESS_DATAMODULES = {
+    "KDBench": f"{__name__}.kdbench:KDBench",
+    "KDBenchTasks": f"{__name__}.kdbench:KDBenchTasks",
+}
 
 
 def register_harness() -> list[str]:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from harness.kdbench import KDBENCH_ENV, KDBench, KDBenchTasks, resolve_kdbench_root
 
-from anomalib_kd.data import KDBench, KDBenchTasks
-from anomalib_kd.data.kdbench import KDBENCH_ENV, resolve_kdbench_root
 from tests.helpers import make_tasks
 
 CATEGORIES = ("brick", "head_ct")
@@ -34,7 +33,7 @@ def test_missing_data_names_the_places_and_the_variable(
     monkeypatch.delenv(KDBENCH_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
     # The checkout fallback (../shared next to the repo) may exist on a developer machine: hide it.
-    monkeypatch.setattr("anomalib_kd.data.kdbench._candidates", lambda: [tmp_path / "nowhere"])
+    monkeypatch.setattr("harness.kdbench._candidates", lambda: [tmp_path / "nowhere"])
     with pytest.raises(FileNotFoundError, match=KDBENCH_ENV) as error:
         resolve_kdbench_root()
     assert "nowhere" in str(error.value)

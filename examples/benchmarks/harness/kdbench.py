@@ -19,8 +19,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .fewshot import FewShotTasks
-from .high_bit_depth import HighBitDepthMVTecAD
+from anomalib_kd.data.fewshot import FewShotTasks
+from anomalib_kd.data.high_bit_depth import HighBitDepthMVTecAD
 
 __all__ = ["KDBENCH_CATEGORIES", "KDBENCH_ENV", "KDBench", "KDBenchTasks", "resolve_kdbench_root"]
 
@@ -29,7 +29,7 @@ KDBENCH_CATEGORIES = ("brick", "grass", "gravel", "brain_mri", "head_ct")
 
 
 def _candidates() -> list[Path]:
-    checkout = Path(__file__).resolve().parents[3]  # <checkout parent>/<repo>/anomalib_kd/data/kdbench.py
+    checkout = Path(__file__).resolve().parents[4]  # <checkout parent>/<repo>/examples/benchmarks/harness/
     cwd = Path.cwd()
     return [cwd / "shared" / "data" / "kdbench", cwd.parent / "shared" / "data" / "kdbench",
             checkout / "shared" / "data" / "kdbench"]  # fmt: skip
