@@ -29,6 +29,7 @@ from .weights import (
     WEIGHTS_ENV,
     MissingWeightsError,
     downloads_disabled,
+    explicit_weights_file,
     find_in_weights_dir,
     load_weights_into,
     offline_status,
@@ -132,12 +133,11 @@ def resolve_weights_file(
     Raises:
         MissingWeightsError: no local file; the message says which files and how to supply one.
     """
-    if weights_path is not None:
-        path = Path(weights_path).expanduser()
-        if path.is_file():
-            return path
-        msg = f"Pretrained weights file for '{backbone}' not found: {path}"
-        raise MissingWeightsError(msg)
+    explicit = explicit_weights_file(
+        weights_path, f"Pretrained weights file for '{backbone}' not found: {{path}}"
+    )
+    if explicit is not None:
+        return explicit
     names = candidate_file_names(backbone, extra_names)
     found = find_in_weights_dir(names)
     if found is not None:

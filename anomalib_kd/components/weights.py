@@ -75,6 +75,21 @@ def offline_status() -> str:
     return f"Downloads are enabled (set {OFFLINE_ENV}=1 or {HF_OFFLINE_ENV}=1 to forbid them)."
 
 
+def explicit_weights_file(weights_path: str | Path | None, not_found: str) -> Path | None:
+    """``weights_path`` as an existing file (``None`` when not given).
+
+    Raises:
+        MissingWeightsError: ``weights_path`` was given but is no file; the message is ``not_found``
+            with ``{path}`` filled in. An explicit file is never replaced by another or by a download.
+    """
+    if weights_path is None:
+        return None
+    path = Path(weights_path).expanduser()
+    if not path.is_file():
+        raise MissingWeightsError(not_found.format(path=path))
+    return path
+
+
 def find_in_weights_dir(names: Iterable[str]) -> Path | None:
     """The first of ``names`` present in the directory ``$ANOMALIB_KD_WEIGHTS`` (``None``: unset/absent)."""
     env_dir = os.environ.get(WEIGHTS_ENV)

@@ -30,6 +30,7 @@ from ..weights import (
     MissingWeightsError,
     download_file,
     downloads_disabled,
+    explicit_weights_file,
     find_in_weights_dir,
     offline_status,
     read_state_dict,
@@ -281,13 +282,10 @@ def find_vmamba_checkpoint(weights_path: str | Path | None = None) -> Path | Non
     Raises:
         MissingWeightsError: an explicit ``weights_path`` that does not exist (never replaced by another).
     """
-    if weights_path is not None:
-        path = Path(weights_path).expanduser()
-        if path.is_file():
-            return path
-        msg = f"VMamba-Tiny v0 checkpoint not found: {path} (expected the official {VMAMBA_TINY_CHECKPOINT})."
-        raise MissingWeightsError(msg)
-    found = find_in_weights_dir([VMAMBA_TINY_CHECKPOINT])
+    not_found = (
+        f"VMamba-Tiny v0 checkpoint not found: {{path}} (expected the official {VMAMBA_TINY_CHECKPOINT})."
+    )
+    found = explicit_weights_file(weights_path, not_found) or find_in_weights_dir([VMAMBA_TINY_CHECKPOINT])
     if found is not None:
         return found
     cached = vmamba_cache_file()

@@ -33,6 +33,7 @@ from anomalib_kd.components.weights import (
     ChecksumError,
     MissingWeightsError,
     downloads_disabled,
+    explicit_weights_file,
     find_in_weights_dir,
     offline_status,
     read_state_dict,
@@ -161,18 +162,13 @@ def resolve_teacher_file(weights_path: str | Path | None = None, download: bool 
     Raises:
         MissingWeightsError: no file; the message says how to supply or create one.
     """
-    if weights_path is not None:
-        path = Path(weights_path).expanduser()
-        if path.is_file():
-            return path
-        msg = (
-            f"DHKD teacher weights file not found: {path}. Pass an existing PDN-medium file with "
-            "`--model.weights_path /path/to/pretrained_teacher_medium.pth`, create one with "
-            "`python -m anomalib_kd.tools.distill_pdn`, or train with `--model.pre_trained false` "
-            "(random teacher)."
-        )
-        raise MissingWeightsError(msg)
-    found = find_in_weights_dir(TEACHER_FILE_NAMES)
+    not_found = (
+        "DHKD teacher weights file not found: {path}. Pass an existing PDN-medium file with "
+        "`--model.weights_path /path/to/pretrained_teacher_medium.pth`, create one with "
+        "`python -m anomalib_kd.tools.distill_pdn`, or train with `--model.pre_trained false` "
+        "(random teacher)."
+    )
+    found = explicit_weights_file(weights_path, not_found) or find_in_weights_dir(TEACHER_FILE_NAMES)
     if found is not None:
         return found
     cache = anomalib_teacher_dir()

@@ -7,32 +7,11 @@ benchmark starts.
 
 from __future__ import annotations
 
-from .models import (
-    BUDGETED_MODELS,
-    HARNESS_CHANGES,
-    BudgetedD24FAD,
-    BudgetedDHKD,
-    BudgetedEfficientAd,
-    BudgetedPatchcore,
-    BudgetedPDD,
-    BudgetedReverseDistillation,
-    BudgetedURD,
-    TrainingBudget,
-)
+from . import models
+from .models import *  # noqa: F403  (the budgeted models, HARNESS_CHANGES, TrainingBudget)
+from .models import BUDGETED_MODELS
 
-__all__ = [
-    "BUDGETED_MODELS",
-    "HARNESS_CHANGES",
-    "BudgetedD24FAD",
-    "BudgetedDHKD",
-    "BudgetedEfficientAd",
-    "BudgetedPDD",
-    "BudgetedPatchcore",
-    "BudgetedReverseDistillation",
-    "BudgetedURD",
-    "TrainingBudget",
-    "register_harness",
-]
+__all__ = [*models.__all__, "register_harness"]
 
 HARNESS_DATAMODULES = {
     "KDBench": f"{__name__}.kdbench:KDBench",
