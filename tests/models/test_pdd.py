@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning
@@ -109,6 +111,75 @@ def test_students_share_weights_per_option(shared: bool) -> None:
         )
     # Priors change only S2's finer levels.
     assert not torch.allclose(features["s2"][0], features["s1"][0])
+
+
+def _official_order(
+    decoder: torch.nn.Module, manifold: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Spec 1.3.4, written independently: the prior student S2 through all three stages, then the plain
+    student S1 through all three, stage 1 called once per student."""
+    a2 = decoder.layer1(manifold)
+    b2 = decoder.layer2(a2 + p1)
+    c2 = decoder.layer3(b2 + p2)
+    a1 = decoder.layer1(manifold)
+    b1 = decoder.layer2(a1)
+    c1 = decoder.layer3(b1)
+    return [c2, b2, a2], [c1, b1, a1]
+
+
+def _old_order(
+    decoder: torch.nn.Module, manifold: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """This package's earlier order: S1 first, S2 reusing S1's stage-1 output (one stage-1 call)."""
+    a1 = decoder.layer1(manifold)
+    b1 = decoder.layer2(a1)
+    c1 = decoder.layer3(b1)
+    b2 = decoder.layer2(a1 + p1)
+    c2 = decoder.layer3(b2 + p2)
+    return [c2, b2, a1], [c1, b1, a1]
+
+
+def _running_stats_after_two_steps(
+    model: PDDModel, images: torch.Tensor, students: Callable | None = None
+) -> list[torch.Tensor]:
+    """Two Adam steps of the PDD loss on a fixed batch; the BatchNorm running statistics of the students."""
+    model.train()
+    optimizer = torch.optim.Adam([p for m in model.trainable_modules() for p in m.parameters()], lr=2e-3)
+    for _ in range(2):
+        cnn, mamba = model.teacher_features(images)
+        targets, manifold = model.fuse(cnn, mamba)
+        prior1, prior2 = model.prior(manifold)
+        if students is None:
+            s2, s1 = model.students(manifold, prior1, prior2)
+        else:
+            s2, s1 = students(model.students.decoder, manifold, prior1, prior2)
+        loss = PDDLoss()(targets, s2, s1)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return [
+        buffer.clone() for name, buffer in model.students.named_buffers() if name.endswith(("mean", "var"))
+    ]
+
+
+def test_shared_decoder_runs_in_the_official_order() -> None:
+    """BatchNorm running statistics after two training steps equal the official order's (spec 1.3.4) and
+    differ from the earlier order's; eval outputs equal too."""
+    torch.manual_seed(0)
+    model = _fast_model()
+    reference, old = copy.deepcopy(model), copy.deepcopy(model)
+    images = torch.rand(2, 3, 64, 64)
+    ours = _running_stats_after_two_steps(model, images)
+    official = _running_stats_after_two_steps(reference, images, _official_order)
+    earlier = _running_stats_after_two_steps(old, images, _old_order)
+    assert len(ours) == len(official) > 0
+    for mine, theirs in zip(ours, official, strict=True):
+        assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+    assert max((mine - then).abs().max().item() for mine, then in zip(ours, earlier, strict=True)) > 1e-4
+    model.eval()
+    reference.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(images).anomaly_map, reference(images).anomaly_map, atol=1e-5)
 
 
 def _pair_with_cosine(cosine: float) -> tuple[torch.Tensor, torch.Tensor]:
