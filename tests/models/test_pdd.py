@@ -294,7 +294,7 @@ def test_loss_decreases_on_tiny_data(tiny_textures_root: Path) -> None:
     lightning.seed_everything(0)
     datamodule = tiny_textures(tiny_textures_root)
     datamodule.setup()
-    model = _tiny_pdd()
+    model = _tiny_pdd(lr_t_max=None)
     losses, trainer = fit_recording_losses(model, datamodule.train_dataloader(), max_steps=8)
     assert len(losses) == 8
     assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2])
@@ -304,6 +304,23 @@ def test_loss_decreases_on_tiny_data(tiny_textures_root: Path) -> None:
     assert scheduler.scheduler.T_max == 8
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(2e-4, rel=1e-6)
     assert trainer.optimizers[0].param_groups[0]["betas"] == (0.5, 0.999)
+
+
+def test_default_schedule_is_the_official_periodic_cosine() -> None:
+    """Default lr_t_max=40 epochs (official script): per epoch, floor 0.1 lr at 40, back at lr at 80."""
+    model = _tiny_pdd()
+    config = model.configure_optimizers()
+    assert config["lr_scheduler"]["interval"] == "epoch"
+    scheduler = config["lr_scheduler"]["scheduler"]
+    optimizer = config["optimizer"]
+    rates = []
+    for _ in range(81):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(2e-3)
+    assert rates[40] == pytest.approx(2e-4)
+    assert rates[80] == pytest.approx(2e-3)
 
 
 @pytest.fixture(scope="module")
