@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from anomalib.engine import Engine
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from anomalib_kd.components.backbones import MissingWeightsError
 from anomalib_kd.data import Textures
@@ -330,6 +330,19 @@ def test_held_out_quantile_images_are_disjoint_from_training(
     assert not held & train
     assert all("/train/" in path for path in held)
     assert len(datamodule.train_dataloader()) == 7  # the trainer's loader no longer holds it
+    # The teacher channel statistics come from the 7 training images only.
+    train_only = model.teacher_channel_mean_std(
+        DataLoader(datamodule.train_data, batch_size=4, collate_fn=datamodule.train_data.collate_fn)
+    )
+    everything = ConcatDataset([datamodule.train_data, model.quantile_data])
+    with_held_out = model.teacher_channel_mean_std(
+        DataLoader(everything, batch_size=4, collate_fn=datamodule.train_data.collate_fn)
+    )
+    stored = (model.model.teacher_mean.flatten().cpu(), model.model.teacher_std.flatten().cpu())
+    assert all(
+        torch.allclose(a.cpu(), b, rtol=1e-5, atol=1e-6) for a, b in zip(train_only, stored, strict=True)
+    )
+    assert not torch.allclose(with_held_out[0].cpu(), stored[0], rtol=1e-5, atol=1e-6)
 
 
 def test_quantiles_never_see_test_images(tmp_path: Path, tiny_textures_root: Path) -> None:
