@@ -26,20 +26,46 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> su
     return result
 
 
+# Post-processing that keeps thresholding but not anomalib's min-max normalisation, which clamps to [0, 1]:
+# the exported graph's scores and maps are then the model's raw, un-clamped outputs, so a parity check
+# cannot pass by both sides sitting at 0 or 1. Persisted in the checkpoint, so `anomalib export` keeps it.
+RAW_POST_PROCESSOR = (
+    '{"class_path": "anomalib.post_processing.PostProcessor", "init_args": {"enable_normalization": false}}'
+)
+
+
+def assert_varied_and_close(exported: np.ndarray, eager: np.ndarray, name: str, atol: float = 1e-3) -> None:
+    """``exported`` matches ``eager`` within ``atol``, and ``eager`` is un-clamped and varies (std > 0,
+    not all 0 or 1), so the comparison means something."""
+    exported, eager = np.asarray(exported, dtype=np.float64), np.asarray(eager, dtype=np.float64)
+    assert np.isfinite(exported).all(), name
+    assert eager.size < 2 or eager.std() > 1e-6, f"{name}: eager output is constant ({eager.reshape(-1)[:4]})"
+    assert not np.isin(eager, (0.0, 1.0)).all(), f"{name}: eager output sits at 0/1 only (clamped)"
+    assert np.abs(exported.reshape(eager.shape) - eager).max() < atol, name
+
+
 def assert_openvino_inferencer_matches_eager(model: torch.nn.Module, xml: Path, image_path: Path) -> None:
-    """anomalib's OpenVINOInferencer (f32) on an image file gives the eager AnomalibModule's outputs."""
+    """anomalib's OpenVINOInferencer (f32) on an image file gives the eager AnomalibModule's outputs.
+
+    The model must have been trained with :data:`RAW_POST_PROCESSOR` (un-clamped outputs, checked here).
+    """
     from anomalib.data.utils import read_image
     from anomalib.deploy import OpenVINOInferencer
 
+    assert model.post_processor is not None
+    assert not model.post_processor.enable_normalization, "train with RAW_POST_PROCESSOR"
     predicted = OpenVINOInferencer(xml, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"}).predict(
         image_path
     )
     image = torch.from_numpy(read_image(image_path)).permute(2, 0, 1)[None].float()
     with torch.no_grad():
         eager = model.eval()(image)
-    assert np.isfinite(predicted.pred_score).all()
-    assert abs(float(predicted.pred_score.reshape(-1)[0]) - float(eager.pred_score.reshape(-1)[0])) < 1e-3
-    assert np.abs(predicted.anomaly_map.squeeze() - eager.anomaly_map.squeeze().numpy()).max() < 1e-3
+    assert_varied_and_close(
+        predicted.anomaly_map.squeeze(), eager.anomaly_map.squeeze().numpy(), "anomaly_map"
+    )
+    score = float(predicted.pred_score.reshape(-1)[0])
+    assert np.isfinite(score)
+    assert abs(score - float(eager.pred_score.reshape(-1)[0])) < 1e-3
 
 
 def train_export_and_check(
@@ -51,7 +77,8 @@ def train_export_and_check(
     image_path: Path,
 ) -> Path:
     """``anomalib train`` then ``anomalib export --export_type openvino``, both the stock command, then
-    OpenVINOInferencer parity with the checkpoint's eager model. Returns the checkpoint."""
+    OpenVINOInferencer parity with the checkpoint's eager model on un-clamped outputs (the model is trained
+    with :data:`RAW_POST_PROCESSOR`). Returns the checkpoint."""
     class_path = f"{model_class.__module__.split('.models')[0]}.{model_class.__name__}"
     run_cli(
         [
@@ -60,6 +87,7 @@ def train_export_and_check(
             "--model",
             class_path,
             *model_args,
+            f"--model.post_processor={RAW_POST_PROCESSOR}",
             *data_args,
             f"--default_root_dir={workdir}",
         ],

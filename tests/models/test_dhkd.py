@@ -8,6 +8,7 @@ The Mamba decoder makes DHKD slow on CPU, so everything except the 256x256 shape
 from __future__ import annotations
 
 import itertools
+import shutil
 from pathlib import Path
 
 import lightning
@@ -15,8 +16,10 @@ import numpy as np
 import pytest
 import torch
 from anomalib.engine import Engine
+from torch.utils.data import ConcatDataset, DataLoader
 
 from anomalib_kd.components.backbones import MissingWeightsError
+from anomalib_kd.data import Textures
 from anomalib_kd.models.dhkd import DHKD, DHKDLoss, DHKDModel
 from anomalib_kd.models.dhkd import teacher as teacher_module
 from anomalib_kd.models.dhkd.blocks import SCMM
@@ -241,27 +244,41 @@ def test_nan_loss_stops_with_a_clear_error(tiny_textures_root: Path) -> None:
         module.training_step(batch)
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_textures_root: Path) -> tuple[Engine, DHKD]:
-    """One short Engine fit: teacher statistics, 2 steps (one epoch), validation quantiles and thresholds."""
-    lightning.seed_everything(0)
-    root = tmp_path_factory.mktemp("dhkd_run")
+def _textures(root: Path, **overrides: object) -> Textures:
+    """The tiny Textures data at DHKD's batch size 1: 8 training images (1 held out), 6 test images."""
+    return Textures(root=root, **{**TINY_TEXTURES, "train_batch_size": 1, **overrides})
+
+
+def _fit(root: Path, data_root: Path, seed: int = 0, **trainer_args: object) -> tuple[Engine, DHKD, Textures]:
+    lightning.seed_everything(seed)
     model = DHKD(pre_trained=False, image_size=SMALL)
-    engine = Engine(default_root_dir=root, enable_progress_bar=False, max_steps=2)
-    engine.fit(model, datamodule=tiny_textures(tiny_textures_root))
-    return engine, model
+    datamodule = _textures(data_root)
+    engine = Engine(default_root_dir=root, enable_progress_bar=False, **trainer_args)
+    engine.fit(model, datamodule=datamodule)
+    return engine, model, datamodule
 
 
-def test_fit_sets_statistics_and_checkpoint_round_trip_keeps_them(trained_run: tuple[Engine, DHKD]) -> None:
-    engine, model = trained_run
+@pytest.fixture(scope="module")
+def trained_run(
+    tmp_path_factory: pytest.TempPathFactory, tiny_textures_root: Path
+) -> tuple[Engine, DHKD, Textures]:
+    """One short Engine fit: 2 steps of a 7-step epoch, so no validation runs (``max_steps`` < one epoch)."""
+    return _fit(tmp_path_factory.mktemp("dhkd_run"), tiny_textures_root, max_steps=2)
+
+
+def test_fit_sets_statistics_and_checkpoint_round_trip_keeps_them(
+    trained_run: tuple[Engine, DHKD, Textures],
+) -> None:
+    engine, model, _ = trained_run
+    assert engine.trainer.global_step == 2
     assert bool(model.model.teacher_stats_set)
     assert bool(model.model.quantiles_set)
     qa_l, qb_l, qa_g, qb_g = model.model.quantiles.tolist()
     assert qa_l < qb_l
     assert qa_g < qb_g
     assert not torch.allclose(model.model.teacher_std, torch.ones_like(model.model.teacher_std))
-    # The official StepLR at 95 % of the steps, scaled to max_steps.
-    assert engine.trainer.lr_scheduler_configs[0].scheduler.step_size == max(1, int(0.95 * 2))
+    # The paper's StepLR at 76 % of the steps (76 000 of 100 000), scaled to max_steps.
+    assert engine.trainer.lr_scheduler_configs[0].scheduler.step_size == max(1, int(0.76 * 2))
 
     ckpt = engine.trainer.checkpoint_callback.best_model_path
     assert Path(ckpt).is_file()
@@ -271,13 +288,115 @@ def test_fit_sets_statistics_and_checkpoint_round_trip_keeps_them(trained_run: t
         assert torch.equal(getattr(model.model, name).cpu(), getattr(restored.model, name)), name
     state, restored_state = model.state_dict(), restored.state_dict()
     assert state.keys() == restored_state.keys()
-    assert not [k for k in state if not torch.equal(state[k].cpu(), restored_state[k])]
-    assert torch.isfinite(restored.post_processor.image_threshold)
+    # No validation ran, so the post-processor's thresholds are NaN on both sides.
+    assert not [
+        k
+        for k in state
+        if not torch.allclose(
+            state[k].cpu().double(), restored_state[k].double(), rtol=0, atol=0, equal_nan=True
+        )
+    ]
     images = torch.rand(2, 3, SMALL, SMALL)
     model.eval()
     restored.eval()
     with torch.no_grad():
         assert torch.allclose(model(images).anomaly_map, restored(images).anomaly_map)
+
+
+def test_max_steps_within_the_first_epoch_fits_quantiles_on_the_final_weights(
+    trained_run: tuple[Engine, DHKD, Textures],
+) -> None:
+    """No validation ran (2 of 7 steps): the quantiles still come from the held-out images and the final
+    weights, and they are in the saved checkpoint."""
+    engine, model, _ = trained_run
+    assert model.quantile_data is not None
+    expected = model.map_norm_quantiles(
+        DataLoader(model.quantile_data, collate_fn=model.quantile_data.collate_fn)
+    )
+    assert torch.allclose(model.model.quantiles.cpu(), torch.stack(expected).cpu())
+    restored = DHKD.load_from_checkpoint(engine.trainer.checkpoint_callback.best_model_path)
+    assert torch.equal(restored.model.quantiles, model.model.quantiles.cpu())
+
+
+def test_held_out_quantile_images_are_disjoint_from_training(
+    trained_run: tuple[Engine, DHKD, Textures],
+) -> None:
+    """A seeded 10 % of the 8 training images (1) is held out; the other 7 are the training set."""
+    _, model, datamodule = trained_run
+    held = set(model.quantile_data.samples.image_path)
+    train = set(datamodule.train_data.samples.image_path)
+    assert len(held) == 1
+    assert len(train) == 7
+    assert not held & train
+    assert all("/train/" in path for path in held)
+    assert len(datamodule.train_dataloader()) == 7  # the trainer's loader no longer holds it
+    # The teacher channel statistics come from the 7 training images only.
+    train_only = model.teacher_channel_mean_std(
+        DataLoader(datamodule.train_data, batch_size=4, collate_fn=datamodule.train_data.collate_fn)
+    )
+    everything = ConcatDataset([datamodule.train_data, model.quantile_data])
+    with_held_out = model.teacher_channel_mean_std(
+        DataLoader(everything, batch_size=4, collate_fn=datamodule.train_data.collate_fn)
+    )
+    stored = (model.model.teacher_mean.flatten().cpu(), model.model.teacher_std.flatten().cpu())
+    assert all(
+        torch.allclose(a.cpu(), b, rtol=1e-5, atol=1e-6) for a, b in zip(train_only, stored, strict=True)
+    )
+    assert not torch.allclose(with_held_out[0].cpu(), stored[0], rtol=1e-5, atol=1e-6)
+
+
+def test_quantiles_never_see_test_images(tmp_path: Path, tiny_textures_root: Path) -> None:
+    """Two fits with the same seed and training images (one epoch, so validation runs on the test images),
+    the second with every test image replaced by noise: identical quantiles."""
+    from PIL import Image
+
+    noisy_root = tmp_path / "noisy"
+    shutil.copytree(tiny_textures_root, noisy_root)
+    rng = np.random.default_rng(0)
+    test_images = sorted(p for p in noisy_root.rglob("*.png") if "/test/" in str(p))
+    assert test_images
+    for path in test_images:
+        Image.fromarray(rng.integers(0, 256, (SMALL, SMALL, 3), dtype=np.uint8)).save(path)
+    quantiles = []
+    for name, root in (("clean", tiny_textures_root), ("noisy", noisy_root)):
+        engine, model, _ = _fit(tmp_path / name, root, max_epochs=1, limit_train_batches=1)
+        assert engine.trainer.global_step == 1
+        quantiles.append(model.model.quantiles.cpu())
+    assert bool(model.model.quantiles_set)
+    assert torch.equal(quantiles[0], quantiles[1]), quantiles
+
+
+def test_train_batch_size_other_than_one_is_refused(tmp_path: Path, tiny_textures_root: Path) -> None:
+    model = DHKD(pre_trained=False, image_size=SMALL)
+    engine = Engine(default_root_dir=tmp_path, enable_progress_bar=False, max_steps=1)
+    with pytest.raises(ValueError, match="train_batch_size for DHKD should be 1"):
+        engine.fit(model, datamodule=_textures(tiny_textures_root, train_batch_size=4))
+
+
+def test_quantile_source_options(tmp_path: Path, tiny_textures_root: Path) -> None:
+    """'val' is refused when validation images are test images; a folder of normals is used as given."""
+    engine = Engine(default_root_dir=tmp_path / "val", enable_progress_bar=False, max_steps=1)
+    with pytest.raises(ValueError, match="its validation images are test images"):
+        engine.fit(
+            DHKD(pre_trained=False, image_size=SMALL, quantile_source="val"),
+            datamodule=_textures(tiny_textures_root),
+        )
+    with pytest.raises(ValueError, match="not a folder"):
+        DHKD(pre_trained=False, image_size=SMALL, quantile_source=str(tmp_path / "none")).setup("fit")
+    with pytest.raises(ValueError, match="quantile_holdout"):
+        DHKD(pre_trained=False, image_size=SMALL, quantile_holdout=0.0)
+    folder = next(tiny_textures_root.rglob("train")).parent / "train"
+    model = DHKD(pre_trained=False, image_size=SMALL, quantile_source=str(folder))
+    datamodule = _textures(tiny_textures_root)
+    Engine(default_root_dir=tmp_path / "dir", enable_progress_bar=False, max_steps=1).fit(
+        model, datamodule=datamodule
+    )
+    assert len(datamodule.train_data) == 8  # nothing held out
+    assert len(model.quantile_data) == 8
+    expected = model.map_norm_quantiles(
+        DataLoader(model.quantile_data, collate_fn=model.quantile_data.collate_fn)
+    )
+    assert torch.allclose(model.model.quantiles.cpu(), torch.stack(expected).cpu())
 
 
 def test_openvino_export_matches_eager(tmp_path: Path) -> None:
@@ -314,7 +433,7 @@ def test_stock_cli_train_export_and_openvino_inferencer(tiny_textures_root: Path
     data_args = [
         "--data", "anomalib_kd.data.Textures", f"--data.root={tiny_textures_root}",
         *[f"--data.{k}={v}" for k, v in TINY_TEXTURES.items() if k != "defect_types"],
-        "--data.defect_types=[scratch, blob]", "--trainer.max_epochs=1",
+        "--data.defect_types=[scratch, blob]", "--data.train_batch_size=1", "--trainer.max_epochs=1",
     ]  # fmt: skip
     model_args = ["--model.pre_trained=false", "--model.image_size=64"]
     image_path = next(tiny_textures_root.rglob("test/blob/*.png"))

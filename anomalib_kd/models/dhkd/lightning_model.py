@@ -6,13 +6,16 @@ industrial anomaly detection", Expert Systems with Applications, 2026 (code: git
 Training (official ``Train.py``): a frozen PDN-medium teacher whose outputs are normalised per channel
 with statistics computed over the training set before training; the student (encoder, FCCM, a
 convolutional SCMM decoder and a Mamba HSTM decoder) minimises ``L_L + L_G + 2 L_D`` with Adam
-(1e-4, weight decay 1e-5) and a x0.1 step at 95 % of the steps. Before each validation the 0.9 / 0.995
-quantiles of both maps over the good validation images are stored; they normalise the maps in
-inference and in exported graphs.
+(1e-4, weight decay 1e-5) and a x0.1 step at 76 % of the steps (the paper: 100 000 iterations, step at
+76 000; the official code: 95 % of 180 000), batch size 1. The 0.9 / 0.995 quantiles of
+both maps normalise them in inference and in exported graphs; as in the official code they are fitted
+on held-out normal images that are never tested (spec 1.2, 1.7): by default a seeded 10 % of the
+training images, removed from training (the official MVTec AD split), or a folder of normal images
+(MVTec LOCO's ``validation``) or a datamodule's validation split built from such images.
 
 Defaults for users:
-    - GPU, as the paper: ``--trainer.max_steps 180000`` (official default; the evaluated checkpoint is
-      140000) with ``--data.train_batch_size 1``.
+    - GPU: ``--trainer.max_steps 100000`` (the paper; the official code's default is 180000 with its
+      evaluated checkpoint at 140000, see docs/fidelity.md) with ``--data.train_batch_size 1`` (required).
     - CPU: the Mamba decoder dominates (four SS2D scans, the last over 64x64 = 4096 positions); a step at
       256 px takes seconds. Use e.g. ``--trainer.max_steps 2000`` or ``--model.image_size 128`` (a smaller,
       non-official student) for experiments. The learning-rate step is scaled to whatever ``max_steps`` is.
@@ -21,7 +24,7 @@ Example:
     >>> from anomalib.engine import Engine
     >>> from anomalib_kd.models.dhkd import DHKD
     >>> model = DHKD(weights_path="pretrained_teacher_medium.pth")  # doctest: +SKIP
-    >>> Engine(max_steps=70000).train(model, datamodule=...)  # doctest: +SKIP
+    >>> Engine(max_steps=100000).train(model, datamodule=...)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -29,16 +32,22 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from anomalib.data import Batch
+from anomalib.data.datasets.base.image import AnomalibDataset
+from anomalib.data.datasets.image.folder import FolderDataset
+from anomalib.data.utils import Split, ValSplitMode
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Compose, Normalize
 from tqdm.auto import tqdm
 
@@ -54,6 +63,13 @@ __all__ = ["DHKD"]
 
 # torch.quantile refuses inputs above 2**24 elements; larger pools are subsampled (as EfficientAd does).
 _MAX_QUANTILE_ELEMENTS = 2**24
+
+# Validation splits made only of images that are never tested (MVTec LOCO's validation folder, a part of
+# the training set); the others (same_as_test, from_test) are test images.
+_UNTESTED_VAL_SPLITS = (ValSplitMode.FROM_DIR, ValSplitMode.FROM_TRAIN, ValSplitMode.SYNTHETIC)
+
+# Attribute set on a datamodule whose training set DHKD has split, so that a second fit reuses the split.
+HELD_OUT_ATTRIBUTE = "dhkd_quantile_data"
 
 
 class DHKD(DistillationModuleMixin, AnomalibModule):
@@ -74,10 +90,22 @@ class DHKD(DistillationModuleMixin, AnomalibModule):
         lr: Adam learning rate (1e-4).
         weight_decay: Adam weight decay (1e-5).
         lr_step_fraction: the learning rate is multiplied by ``lr_gamma`` after this fraction of the
-            training steps (official: StepLR at ``0.95 * train_steps``, stepped every iteration).
+            training steps, stepped every iteration. Default 0.76, the paper's (step at 76 000 of 100 000
+            iterations); the official code's default is 0.95 of 180 000 (docs/fidelity.md).
         lr_gamma: learning-rate factor of that step (0.1).
         quantile_low: lower map-normalisation quantile ``qa`` (0.9).
         quantile_high: upper map-normalisation quantile ``qb`` (0.995).
+        quantile_source: normal images the quantiles are fitted on, never test images (official code:
+            MVTec LOCO's ``validation`` folder, or a seeded 10 % of MVTec AD's training images):
+            ``"holdout"`` (default): a seeded ``quantile_holdout`` share of the datamodule's training set,
+            removed from training (and from the teacher statistics); needs an anomalib datamodule.
+            ``"val"``: the datamodule's validation split, allowed only when it holds no test images
+            (``val_split_mode`` ``from_dir`` as MVTec LOCO's validation folder, ``from_train``,
+            ``synthetic``; label-0 images only). A folder path: every image in it (e.g.
+            ``.../mvtec_loco/breakfast_box/validation/good``); training then uses all training images.
+        quantile_holdout: share of the training images held out for ``"holdout"`` (official 0.1; at least 1
+            image, at least 1 left for training).
+        quantile_seed: seed of that split (official 3402).
         smoothing_sigma: Gaussian sigma of the anomaly map at input resolution (official 2; 0: none).
             The image score is the maximum of the unsmoothed map, as in the official code.
         chunk_size: chunk length of the pure-PyTorch selective scan (``None``: automatic).
@@ -95,10 +123,13 @@ class DHKD(DistillationModuleMixin, AnomalibModule):
         loss_weights: Sequence[float] = (1.0, 1.0, 2.0),
         lr: float = 1e-4,
         weight_decay: float = 1e-5,
-        lr_step_fraction: float = 0.95,
+        lr_step_fraction: float = 0.76,
         lr_gamma: float = 0.1,
         quantile_low: float = 0.9,
         quantile_high: float = 0.995,
+        quantile_source: str = "holdout",
+        quantile_holdout: float = 0.1,
+        quantile_seed: int = 3402,
         smoothing_sigma: float = 2.0,
         chunk_size: int | None = None,
         pre_processor: PreProcessor | bool = True,
@@ -125,6 +156,14 @@ class DHKD(DistillationModuleMixin, AnomalibModule):
         self.lr_gamma = lr_gamma
         self.quantile_low = quantile_low
         self.quantile_high = quantile_high
+        if not 0 < quantile_holdout < 1:
+            msg = f"DHKD quantile_holdout is a share of the training set in (0, 1), got {quantile_holdout}."
+            raise ValueError(msg)
+        self.quantile_source = str(quantile_source)
+        self.quantile_holdout = quantile_holdout
+        self.quantile_seed = quantile_seed
+        self.quantile_data: AnomalibDataset | None = None  # the held-out normals (set up for fitting)
+        self._quantiles_step: int | None = None  # global step of the weights the quantiles were fitted with
         self.model = DHKDModel(
             out_channels=out_channels,
             dropout=dropout,
@@ -136,12 +175,86 @@ class DHKD(DistillationModuleMixin, AnomalibModule):
 
     # --- training ------------------------------------------------------------------------------------
 
+    def setup(self, stage: str) -> None:
+        """Before fitting: choose the quantile images; for ``"holdout"``, remove them from the training set.
+
+        Runs after the datamodule's own ``setup`` and before the optimizer and the train loader exist, so
+        the held-out images never reach a training step or the teacher statistics. The split is a seeded
+        permutation of the training samples' order (``quantile_seed``), the same on every DDP rank.
+        """
+        super().setup(stage)
+        if stage != TrainerFn.FITTING:
+            return
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if self.quantile_source == "holdout":
+            self.quantile_data = self._hold_out_training_images(datamodule)
+        elif self.quantile_source == "val":
+            mode = getattr(datamodule, "val_split_mode", None)
+            if mode is None or ValSplitMode(mode) not in _UNTESTED_VAL_SPLITS:
+                msg = (
+                    f"DHKD quantile_source='val' needs a validation split without test images "
+                    f"(val_split_mode in {[m.value for m in _UNTESTED_VAL_SPLITS]}), but the datamodule's is "
+                    f"{getattr(mode, 'value', mode)!r}: its validation images are test images. Use "
+                    "quantile_source='holdout' or a folder of normal images."
+                )
+                raise ValueError(msg)
+            self.quantile_data = None  # read from the datamodule's val loader
+        else:
+            folder = Path(self.quantile_source).expanduser()
+            if not folder.is_dir():
+                msg = (
+                    f"DHKD quantile_source must be 'holdout', 'val' or a folder of normal images; "
+                    f"{self.quantile_source!r} is not a folder."
+                )
+                raise ValueError(msg)
+            self.quantile_data = FolderDataset(name="dhkd_quantiles", normal_dir=folder, split=Split.TRAIN)
+            if len(self.quantile_data) == 0:
+                msg = f"DHKD quantile_source folder {folder} holds no images."
+                raise ValueError(msg)
+
+    def _hold_out_training_images(self, datamodule: object) -> AnomalibDataset:
+        """Split the datamodule's training set into training and held-out normals (once per datamodule)."""
+        held_out = getattr(datamodule, HELD_OUT_ATTRIBUTE, None)
+        if held_out is not None:  # split by an earlier fit on this datamodule: do not split again
+            return held_out
+        train_data = getattr(datamodule, "train_data", None)
+        if not isinstance(train_data, AnomalibDataset):
+            msg = (
+                "DHKD fits its map-normalisation quantiles on training images held out from training "
+                "(quantile_source='holdout'), which needs an anomalib datamodule (trainer.fit(model, "
+                "datamodule=...)). With plain dataloaders, pass quantile_source=<folder of normal images>."
+            )
+            raise ValueError(msg)
+        count = len(train_data)
+        held = max(1, round(self.quantile_holdout * count))
+        if count - held < 1:
+            msg = (
+                f"DHKD holds out {held} of {count} training images for its quantiles "
+                f"(quantile_holdout={self.quantile_holdout}) and none would be left to train on."
+            )
+            raise ValueError(msg)
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.quantile_seed)).tolist()
+        held_out = train_data.subsample(sorted(order[:held]))
+        datamodule.train_data = train_data.subsample(sorted(order[held:]))
+        setattr(datamodule, HELD_OUT_ATTRIBUTE, held_out)
+        logger.info("DHKD: %d of %d training images held out for the map quantiles.", held, count)
+        return held_out
+
     def on_train_start(self) -> None:
-        """Load the teacher (once), then compute its channel statistics over the training set (once).
+        """Check the batch size, load the teacher (once), compute its channel statistics over the training
+        images (once; the held-out quantile images are not among them).
 
         Both are skipped when restored from a checkpoint (buffers ``pretrained_loaded`` /
         ``teacher_stats_set``), so resuming needs neither the weights file nor a new pass.
         """
+        datamodule = getattr(self.trainer, "datamodule", None)
+        batch_size = getattr(datamodule, "train_batch_size", None)
+        if batch_size is None:
+            batch_size = getattr(self.trainer.train_dataloader, "batch_size", None)
+        if batch_size != 1:
+            # As anomalib's EfficientAd: the paper and the official code train with batch size 1.
+            msg = f"train_batch_size for DHKD should be 1 (paper and official code), got {batch_size}."
+            raise ValueError(msg)
         transform = getattr(self.pre_processor, "transform", None)
         if transform is not None and _contains(transform, Normalize):
             msg = "DHKD normalises inside the model: remove Normalize from the pre-processor transform."
@@ -156,15 +269,29 @@ class DHKD(DistillationModuleMixin, AnomalibModule):
             self.model.set_teacher_stats(mean, std)
 
     def _train_loader(self) -> Iterable:
+        """The training images in a fixed order (identical sums on every DDP rank)."""
         datamodule = getattr(self.trainer, "datamodule", None)
-        return datamodule.train_dataloader() if datamodule is not None else self.trainer.train_dataloader
+        train_data = getattr(datamodule, "train_data", None)
+        if isinstance(train_data, AnomalibDataset):
+            return self._eval_loader(train_data)
+        return self.trainer.train_dataloader
 
-    def _val_loader(self) -> Iterable:
+    def _eval_loader(self, dataset: AnomalibDataset) -> DataLoader:
+        """A plain (not distributed) loader over ``dataset``: every rank reads all of it."""
         datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None:
-            return datamodule.val_dataloader()
-        loaders = self.trainer.val_dataloaders
-        return loaders[0] if isinstance(loaders, list | tuple) else loaders
+        batch_size = 1 if isinstance(dataset, FolderDataset) else getattr(datamodule, "eval_batch_size", 1)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=getattr(datamodule, "num_workers", 0),
+            collate_fn=dataset.collate_fn,
+        )
+
+    def _quantile_loader(self) -> Iterable:
+        if self.quantile_data is not None:
+            return self._eval_loader(self.quantile_data)
+        return self.trainer.datamodule.val_dataloader()  # quantile_source="val", checked in setup
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         """The pre-processor's transform, for loops that read a dataloader outside Lightning's hooks."""
@@ -242,12 +369,41 @@ class DHKD(DistillationModuleMixin, AnomalibModule):
     # --- validation / scoring --------------------------------------------------------------------------
 
     def on_validation_start(self) -> None:
-        """Store the ``qa``/``qb`` quantiles of both maps over the good validation images (spec 1.7)."""
-        quantiles = self.map_norm_quantiles(self._val_loader())
+        """While fitting, fit the quantiles with the current weights before scoring the validation images.
+
+        The post-processor's thresholds fitted in this validation then see maps normalised with these
+        weights' quantiles. Outside fitting (``validate``/``test`` of a trained model) the stored quantiles
+        are used unchanged: they never come from the images being evaluated.
+        """
+        if self.trainer.sanity_checking or self.trainer.state.fn != TrainerFn.FITTING:
+            if not bool(self.model.quantiles_set):
+                logger.warning("DHKD: map-normalisation quantiles not fitted yet; maps stay un-normalised.")
+            return
+        self.fit_quantiles()
+
+    def on_train_epoch_end(self) -> None:
+        """Fit the quantiles on the final weights when no validation did (e.g. ``max_steps`` ended the epoch
+        early). Runs before Lightning's checkpoint callback saves, so the checkpoint holds them."""
+        if self._quantiles_step != self.global_step:
+            self.fit_quantiles()
+
+    def on_train_end(self) -> None:
+        """Last guard: the stored quantiles belong to the final weights."""
+        if self._quantiles_step != self.global_step:
+            self.fit_quantiles()
+
+    def fit_quantiles(self) -> None:
+        """``(qa_l, qb_l, qa_g, qb_g)`` over the quantile images (``quantile_source``), stored in the model.
+
+        Under DDP every rank computes them over the full held-out set (a plain loader, no distributed
+        sampler) from the same synchronised weights, so the statistic is the same on every rank.
+        """
+        quantiles = self.map_norm_quantiles(self._quantile_loader())
         if quantiles is None:
-            logger.warning("DHKD: no good (label 0) validation images; maps stay un-normalised.")
+            logger.warning("DHKD: no good (label 0) quantile images; maps stay un-normalised.")
             return
         self.model.set_quantiles(*quantiles)
+        self._quantiles_step = self.global_step
 
     @torch.no_grad()
     def map_norm_quantiles(self, dataloader: Iterable) -> tuple[torch.Tensor, ...] | None:

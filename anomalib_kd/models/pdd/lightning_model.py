@@ -5,7 +5,8 @@ Paper: "PDD: Manifold-Prior Diverse Distillation for Medical Anomaly Detection" 
 Two frozen teachers (WRN50-2, VMamba-Tiny v0) are fused into a unified manifold by trainable InA/MMU
 adapters; two students (one decoder shared as in the official code, or two) reconstruct the fused
 targets, student 2 with MPA priors; a diversity loss keeps them apart on the finest level and together
-on the deeper ones. Adam lr 2e-3, betas (0.5, 0.999), cosine learning-rate schedule.
+on the deeper ones. Adam lr 2e-3, betas (0.5, 0.999), cosine learning-rate schedule (period 40
+epochs, as the official script).
 
 Example:
     >>> from anomalib.engine import Engine
@@ -58,11 +59,15 @@ class PDD(DistillationModuleMixin, AnomalibModule):
         shared_students: one decoder for both students (official code, default) or two (paper).
         tau_low, tau_high: diversity thresholds (official 0.75 / 0.30; tune per dataset).
         lambda_kr, alpha, beta, lambda_div: loss weights (official 0.02, 0.02, 0.05, 0.5).
-        prp_cosine: L_prp's cosine term, ``"paper"`` (1 - cos) or ``"official"`` (+cos, the code's sign).
+        prp_cosine: L_prp's cosine term, ``"paper"`` (default, beta (1 - cos)) or ``"official"`` (+cos: the
+            official code minimises the similarity, pushing S2 away from the targets in angle; a sign
+            bug against the paper's equation, kept as an option. See docs/fidelity.md).
         lr, beta1, beta2: Adam (official 2e-3, 0.5, 0.999).
         lr_min_ratio: cosine schedule floor as a fraction of ``lr`` (official 0.1).
-        lr_t_max: cosine period in epochs (official 40, periodic over 100 epochs). ``None``: one half
-            cosine over the trainer's ``max_steps`` (per step) or else ``max_epochs`` (per epoch).
+        lr_t_max: cosine period in epochs, stepped per epoch. Default 40, the official script's (over its
+            100 epochs the learning rate falls to the floor at epoch 40 and climbs back to ``lr`` at 80; the
+            paper's numbers come from it). ``None``: one half cosine over the trainer's ``max_steps`` (per
+            step) or else ``max_epochs`` (per epoch).
         vmamba_depths, vmamba_dims: VMamba teacher configuration (default VMamba-Tiny; change for tests only).
         sigma: Gaussian smoothing of the anomaly map.
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True``: defaults).
@@ -88,7 +93,7 @@ class PDD(DistillationModuleMixin, AnomalibModule):
         beta1: float = 0.5,
         beta2: float = 0.999,
         lr_min_ratio: float = 0.1,
-        lr_t_max: int | None = None,
+        lr_t_max: int | None = 40,
         vmamba_depths: Sequence[int] = (2, 2, 9, 2),
         vmamba_dims: Sequence[int] = (96, 192, 384, 768),
         sigma: float = 4.0,

@@ -136,16 +136,23 @@ class PDDStudents(nn.Module):
     def forward(
         self, manifold: torch.Tensor, prior1: torch.Tensor, prior2: torch.Tensor
     ) -> tuple[Features, Features]:
-        """Return (S2 prior student, S1 plain student), each [c, b, a] finest first."""
+        """Return (S2 prior student, S1 plain student), each [c, b, a] finest first.
+
+        The official order: S2 first, then S1, each through all three stages, so with a shared decoder
+        stage 1 runs twice on the same input. Outputs and gradients do not depend on the order, but the
+        BatchNorm running statistics do (each call is one momentum update, and the order of the prior
+        and plain batches through stages 2 and 3 weights them differently), and the eval-mode students
+        use those statistics. In eval mode the second stage-1 call (identical output, no statistics
+        update) is skipped.
+        """
         plain = self.decoder
         prior = plain if self.prior_decoder is None else self.prior_decoder
-        a1 = plain.layer1(manifold)
-        b1 = plain.layer2(a1)
-        c1 = plain.layer3(b1)
-        # Shared weights: stage 1 of S2 is S1's stage 1 (the official code runs it twice on the same input).
-        a2 = a1 if self.prior_decoder is None else prior.layer1(manifold)
+        a2 = prior.layer1(manifold)
         b2 = prior.layer2(a2 + prior1)
         c2 = prior.layer3(b2 + prior2)
+        a1 = a2 if self.prior_decoder is None and not self.training else plain.layer1(manifold)
+        b1 = plain.layer2(a1)
+        c1 = plain.layer3(b1)
         return [c2, b2, a2], [c1, b1, a1]
 
 
