@@ -107,8 +107,8 @@ class D24FADModel(nn.Module):
         learn_to_weight: L2W weights (``False``: uniform 1/K).
         score_mode: image score from the anomaly map, ``"max"`` (official code) or ``"mean"`` (paper).
         sigma: Gaussian smoothing of the anomaly map (official 4).
-        imagenet_normalize: normalise [0, 1] inputs with ImageNet statistics inside the model (the
-            official code feeds raw [0, 1] images: ``False``).
+        imagenet_normalize: normalise [0, 1] inputs with ImageNet statistics inside the model. Default
+            ``False``: the official code feeds raw [0, 1] images, which produced the paper's numbers.
     """
 
     def __init__(
@@ -117,7 +117,7 @@ class D24FADModel(nn.Module):
         learn_to_weight: bool = True,
         score_mode: str = "max",
         sigma: float = 4.0,
-        imagenet_normalize: bool = True,
+        imagenet_normalize: bool = False,
     ) -> None:
         super().__init__()
         if score_mode not in SCORE_MODES:
@@ -248,8 +248,16 @@ class D24FADModel(nn.Module):
                 "or test with the FewShotTasks datamodule, which provides the target's supports."
             )
             raise RuntimeError(msg)
+        return self.predict(images, self.support_features)
+
+    def predict(self, images: torch.Tensor, support_features: Sequence[torch.Tensor]) -> InferenceBatch:
+        """Score queries against given support student features [(K, C_l, h_l, w_l)] (the swappable export).
+
+        The Gaussian smoothing runs per image (the official code's scipy call also blurs across the
+        batch axis, mixing neighbouring test images: a bug, not reproduced).
+        """
         query = self.student_features(images)
-        weighted, _ = self.learn_to_weight(query, self.support_features)
+        weighted, _ = self.learn_to_weight(query, support_features)
         anomaly_map = self.anomaly_map_generator(query, weighted, images.shape[-2:])
         if self.score_mode == "mean":
             pred_score = anomaly_map.mean(dim=(-2, -1))
