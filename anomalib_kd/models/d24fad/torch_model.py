@@ -186,11 +186,16 @@ class D24FADModel(nn.Module):
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
-        """Accept support buffers of any K / size (a fresh model's are empty)."""
+        """Accept support buffers of any K / size (a fresh model's are empty).
+
+        Buffers set during ``test``/``predict`` are inference tensors, which cannot be copied into in
+        place (``train``/``validate`` from a checkpoint after a test): they are replaced too.
+        """
         names = ["support_images", *(f"support_features_{level}" for level in range(N_LEVELS))]
         for name in names:
             key = prefix + name
-            if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
+            current = getattr(self, name)
+            if key in state_dict and (state_dict[key].shape != current.shape or current.is_inference()):
                 setattr(self, name, torch.empty_like(state_dict[key], device=self.pretrained_loaded.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
