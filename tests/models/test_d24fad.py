@@ -82,25 +82,104 @@ def test_shapes_at_128_with_wrn50() -> None:
     assert trainable == {"student", "learn_to_weight"}  # frozen teacher
 
 
-def test_learn_to_weight_sums_to_one_over_k() -> None:
+def _l2w_by_hand(
+    query: np.ndarray, supports: np.ndarray, weight: np.ndarray, bias: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Paper Eq. 4 (official form) written out with loops, for one query (C, H, W) and K supports.
+
+    key_k = phi(s_k) (1x1 conv: W s + b at every position); logit_k = <vec(q), vec(key_k)> / sqrt(C);
+    w = softmax_k(logit); weighted = sum_k w_k s_k (un-projected supports).
+    """
+    channels, height, width = query.shape
+    logits = []
+    for support in supports:
+        total = 0.0
+        for c in range(channels):
+            for y in range(height):
+                for x in range(width):
+                    key = sum(weight[c, d] * support[d, y, x] for d in range(channels)) + bias[c]
+                    total += query[c, y, x] * key
+        logits.append(total / np.sqrt(channels))
+    exp = np.exp(np.array(logits) - max(logits))
+    weights = exp / exp.sum()
+    weighted = sum(w * s for w, s in zip(weights, supports, strict=True))
+    return weights, weighted
+
+
+def test_learn_to_weight_formula_on_hand_made_inputs() -> None:
+    """Weights and weighted supports equal the spec's formula computed by hand (per-query and shared)."""
+    rng = np.random.default_rng(3)
+    channels, k_shot = 3, 4
+    l2w = LearnToWeight([channels])
+    weight = rng.normal(size=(channels, channels)).astype(np.float32)
+    bias = rng.normal(size=channels).astype(np.float32)
+    with torch.no_grad():
+        l2w.projections[0].weight.copy_(torch.from_numpy(weight).reshape(channels, channels, 1, 1))
+        l2w.projections[0].bias.copy_(torch.from_numpy(bias))
+    queries = rng.normal(size=(2, channels, 2, 3)).astype(np.float32) * 0.7
+    supports = rng.normal(size=(2, k_shot, channels, 2, 3)).astype(np.float32) * 0.7
+
+    with torch.no_grad():
+        weighted, weights = l2w([torch.from_numpy(queries)], [torch.from_numpy(supports)])
+    for b in range(2):
+        expected_weights, expected_weighted = _l2w_by_hand(queries[b], supports[b], weight, bias)
+        assert expected_weights.max() < 0.99  # not one-hot: the logit scale matters in this case
+        np.testing.assert_allclose(weights[0][b].numpy(), expected_weights, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(weighted[0][b].numpy(), expected_weighted, rtol=1e-4, atol=1e-5)
+
+    # inference layout: one support set (K, C, H, W) shared by every query
+    with torch.no_grad():
+        shared_weighted, shared_weights = l2w([torch.from_numpy(queries)], [torch.from_numpy(supports[0])])
+    for b in range(2):
+        expected_weights, expected_weighted = _l2w_by_hand(queries[b], supports[0], weight, bias)
+        np.testing.assert_allclose(shared_weights[0][b].numpy(), expected_weights, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(shared_weighted[0][b].numpy(), expected_weighted, rtol=1e-4, atol=1e-5)
+
+    uniform = LearnToWeight([channels], learned=False)
+    uniform_weighted, uniform_weights = uniform([torch.from_numpy(queries)], [torch.from_numpy(supports)])
+    torch.testing.assert_close(uniform_weights[0], torch.full((2, k_shot), 1 / k_shot))
+    torch.testing.assert_close(uniform_weighted[0], torch.from_numpy(supports).mean(dim=1))
+
+
+def test_lanczos_resize_matches_pil_and_is_the_default() -> None:
+    """The default pre-processor resizes as the official code (PIL Lanczos), within PIL's 8-bit rounding."""
+    from PIL import Image
+
+    from anomalib_kd.models.d24fad.pre_processing import LanczosResize
+
+    rng = np.random.default_rng(0)
+    model = D24FAD(backbone=SMALL, pre_trained=False)
+    assert isinstance(model.pre_processor.transform, LanczosResize)
+    assert model.input_size == (128, 128)
+    assert isinstance(model.model.normalize, torch.nn.Identity)  # official: raw [0, 1] inputs
+    for height, width, out_h, out_w in ((90, 70, 32, 24), (40, 50, 128, 128)):
+        image = (rng.random((height, width, 3)) * 255).astype(np.uint8)
+        image[10:25, 5:30] = 255  # an edge: Lanczos overshoots, PIL clips each pass
+        expected = np.asarray(Image.fromarray(image).resize((out_w, out_h), Image.LANCZOS)) / 255.0
+        tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        resized = LanczosResize((out_h, out_w))(tensor)[0].permute(1, 2, 0).numpy()
+        difference = np.abs(resized - expected)
+        assert difference.max() < 1.5 / 255
+        assert difference.mean() < 0.5 / 255
+    mask = torch.zeros(1, 1, 40, 40)
+    from torchvision import tv_tensors
+
+    mask[..., :20, :] = 1
+    resized_mask = LanczosResize(16)(tv_tensors.Mask(mask))
+    assert set(resized_mask.unique().tolist()) == {0.0, 1.0}  # masks: nearest, still binary
+
+
+def test_maps_are_smoothed_per_image() -> None:
+    """An image's map does not depend on its batch neighbours (the official 3-D blur mixed them)."""
     torch.manual_seed(0)
-    l2w = LearnToWeight([8, 16])
-    query = [torch.randn(3, 8, 4, 4), torch.randn(3, 16, 2, 2)]
-    per_query = [torch.randn(3, 5, 8, 4, 4), torch.randn(3, 5, 16, 2, 2)]
-    weighted, weights = l2w(query, per_query)
-    for w in weights:
-        assert w.shape == (3, 5)
-        torch.testing.assert_close(w.sum(dim=1), torch.ones(3))
-        assert bool((w >= 0).all())
-    # weighted support is the convex combination sum_k w_k s_k
-    manual = torch.einsum("bk,bkchw->bchw", weights[0], per_query[0])
-    torch.testing.assert_close(weighted[0], manual)
-    # shared supports (inference) give the same as the same set repeated per query
-    shared = [s[0] for s in per_query]
-    repeated = [s.unsqueeze(0).expand(3, *s.shape) for s in shared]
-    torch.testing.assert_close(l2w(query, shared)[1][0], l2w(query, repeated)[1][0])
-    uniform = LearnToWeight([8, 16], learned=False)
-    torch.testing.assert_close(uniform(query, per_query)[1][1], torch.full((3, 5), 0.2))
+    model = small_model().eval()
+    model.set_supports(torch.rand(2, 3, 32, 32))
+    images = torch.rand(3, 3, 32, 32)
+    images[1] = 1.0  # a very different neighbour
+    with torch.no_grad():
+        together = model.model(images).anomaly_map
+        alone = model.model(images[:1]).anomaly_map
+    torch.testing.assert_close(together[:1], alone, rtol=1e-5, atol=1e-6)
 
 
 def test_loss_decreases_on_tiny_data(root: Path) -> None:
@@ -298,3 +377,100 @@ def test_stock_cli_train_and_export(root: Path, tmp_path: Path) -> None:
         exported.reshape(eager.anomaly_map.shape), eager.anomaly_map.numpy(), atol=1e-3
     )
     assert json.dumps(model.hparams["support_dir"]) == "null"
+
+
+def test_one_class_datamodule_forms_in_category_episodes(root: Path, tmp_path: Path) -> None:
+    """anomalib's MVTecAD: episodes drawn inside the training set, test supports from its normals."""
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+
+    torch.manual_seed(0)
+    datamodule = MVTecAD(root=root, category="alpha", train_batch_size=3, eval_batch_size=6, num_workers=0)
+    model = small_model(k_shot=2)
+    drawn: list[tuple[str, list[str]]] = []
+    draw = model.episode_support_paths
+
+    def recording(query: str, pool: list[str]) -> list[str]:
+        supports = draw(query, pool)
+        drawn.append((query, supports))
+        return supports
+
+    model.episode_support_paths = recording  # type: ignore[method-assign]
+    engine = Engine(max_steps=2, default_root_dir=tmp_path, logger=False, enable_progress_bar=False)
+    engine.fit(model, datamodule=datamodule)
+    normals = sorted(str(p) for p in (root / "alpha" / "train" / "good").glob("*.png"))
+    assert len(drawn) == 6  # 2 steps x 3 queries
+    for query, supports in drawn:
+        assert query in normals
+        assert len(supports) == 2 and len(set(supports)) == 2
+        assert query not in supports
+        assert set(supports) <= set(normals)
+        assert draw(query, normals) == supports  # fixed per query (seeded), as FewShotTasks
+    other_seed = small_model(k_shot=2, support_seed=1)
+    other_seed._trainer = model._trainer  # same category key
+    assert any(other_seed.episode_support_paths(q, normals) != s for q, s in drawn)
+
+    results = engine.test(model, datamodule=datamodule)
+    assert "image_AUROC" in results[0]
+    # test-time supports: K training normals drawn by the seed, never test images
+    paths = model.test_support_paths(normals)
+    assert len(paths) == 2 and set(paths) <= set(normals)
+    expected = torch.cat([model._transform(read(p)[None]) for p in paths])
+    torch.testing.assert_close(model.model.support_images, expected)
+
+    with pytest.raises(ValueError, match="k_shot=6 is too large"):
+        too_many = small_model(k_shot=6)
+        too_many._trainer = model._trainer
+        too_many.in_category_supports(next(iter(datamodule.train_dataloader())))
+
+
+def read(path: str | Path) -> torch.Tensor:
+    from anomalib_kd.models.d24fad.lightning_model import load_support_image
+
+    return load_support_image(path)
+
+
+def test_swapped_support_file_equals_reexport(trained: dict, root: Path, tmp_path: Path) -> None:
+    """Swappable export + a new support-feature file scores as a re-export with those supports baked in."""
+    import openvino as ov
+    from anomalib.deploy import ExportType
+
+    from anomalib_kd.models.d24fad.export import run_swappable
+    from anomalib_kd.tools.d24fad_supports import main
+
+    ckpt = trained["engine"].trainer.checkpoint_callback.best_model_path
+    new_supports = root / "beta" / "train" / "good"
+    xml = main(
+        ["export", "--ckpt_path", ckpt, "--export_root", str(tmp_path / "swap"), "--input_size", "32", "32"]
+    )
+    swapped = main(
+        [
+            "features",
+            "--ckpt_path",
+            ckpt,
+            "--support_dir",
+            str(new_supports),
+            "--output",
+            str(tmp_path / "b.npz"),
+        ]
+    )
+
+    reexported = D24FAD.load_from_checkpoint(ckpt).eval()
+    reexported.set_supports(new_supports)
+    baked_xml = reexported.to_openvino(tmp_path / "baked", input_size=(32, 32))
+    assert baked_xml.is_file()
+    compiled = ov.Core().compile_model(str(baked_xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    images = torch.nn.functional.interpolate(target_images(root), size=(32, 32), mode="bilinear").numpy()
+    baked = compiled(images)
+    swap = run_swappable(xml, swapped, images)
+    for name in ("pred_score", "anomaly_map"):
+        reference = baked[compiled.output(name)]
+        assert float(reference.std()) > 0
+        np.testing.assert_allclose(swap[name].reshape(reference.shape), reference, atol=1e-3)
+    original = run_swappable(xml, xml.parent / "supports.npz", images)  # the checkpoint's own supports
+    assert np.abs(original["anomaly_map"] - swap["anomaly_map"]).max() > 1e-3  # the swap changes scores
+    assert ExportType.OPENVINO.value in str(xml)
+
+    query = root / "alpha" / "test" / "bad" / "000.png"
+    printed = main(["predict", "--model", str(xml), "--supports", str(swapped), "--json", str(query)])
+    assert len(printed["pred_score"]) == 1 and np.isfinite(printed["pred_score"][0])

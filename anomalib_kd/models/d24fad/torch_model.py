@@ -107,8 +107,8 @@ class D24FADModel(nn.Module):
         learn_to_weight: L2W weights (``False``: uniform 1/K).
         score_mode: image score from the anomaly map, ``"max"`` (official code) or ``"mean"`` (paper).
         sigma: Gaussian smoothing of the anomaly map (official 4).
-        imagenet_normalize: normalise [0, 1] inputs with ImageNet statistics inside the model (the
-            official code feeds raw [0, 1] images: ``False``).
+        imagenet_normalize: normalise [0, 1] inputs with ImageNet statistics inside the model. Default
+            ``False``: the official code feeds raw [0, 1] images, which produced the paper's numbers.
     """
 
     def __init__(
@@ -117,7 +117,7 @@ class D24FADModel(nn.Module):
         learn_to_weight: bool = True,
         score_mode: str = "max",
         sigma: float = 4.0,
-        imagenet_normalize: bool = True,
+        imagenet_normalize: bool = False,
     ) -> None:
         super().__init__()
         if score_mode not in SCORE_MODES:
@@ -186,11 +186,16 @@ class D24FADModel(nn.Module):
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
-        """Accept support buffers of any K / size (a fresh model's are empty)."""
+        """Accept support buffers of any K / size (a fresh model's are empty).
+
+        Buffers set during ``test``/``predict`` are inference tensors, which cannot be copied into in
+        place (``train``/``validate`` from a checkpoint after a test): they are replaced too.
+        """
         names = ["support_images", *(f"support_features_{level}" for level in range(N_LEVELS))]
         for name in names:
             key = prefix + name
-            if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
+            current = getattr(self, name)
+            if key in state_dict and (state_dict[key].shape != current.shape or current.is_inference()):
                 setattr(self, name, torch.empty_like(state_dict[key], device=self.pretrained_loaded.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -248,8 +253,16 @@ class D24FADModel(nn.Module):
                 "or test with the FewShotTasks datamodule, which provides the target's supports."
             )
             raise RuntimeError(msg)
+        return self.predict(images, self.support_features)
+
+    def predict(self, images: torch.Tensor, support_features: Sequence[torch.Tensor]) -> InferenceBatch:
+        """Score queries against given support student features [(K, C_l, h_l, w_l)] (the swappable export).
+
+        The Gaussian smoothing runs per image (the official code's scipy call also blurs across the
+        batch axis, mixing neighbouring test images: a bug, not reproduced).
+        """
         query = self.student_features(images)
-        weighted, _ = self.learn_to_weight(query, self.support_features)
+        weighted, _ = self.learn_to_weight(query, support_features)
         anomaly_map = self.anomaly_map_generator(query, weighted, images.shape[-2:])
         if self.score_mode == "mean":
             pred_score = anomaly_map.mean(dim=(-2, -1))
