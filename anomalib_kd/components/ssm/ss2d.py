@@ -16,7 +16,13 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .selective_scan import _is_tracing, fused_scan_enabled, scan_chunk_steps, selective_scan, uses_fused_kernel
+from .selective_scan import (
+    _is_tracing,
+    fused_scan_enabled,
+    scan_chunk_steps,
+    selective_scan,
+    uses_fused_kernel,
+)
 
 __all__ = ["SS2D", "cross_merge", "cross_scan"]
 

@@ -60,7 +60,7 @@ def use_fused_scan(enabled: bool = True) -> Iterator[bool]:
         _FUSED_SCAN.reset(token)
 
 
-def add_extension(core: Any) -> Path:  # noqa: ANN401 - openvino.Core, imported lazily
+def add_extension(core: Any) -> Path:
     """``core.add_extension(<fused-scan library>)``, building it on first use; returns the library's path.
 
     Raises:
@@ -74,10 +74,10 @@ def add_extension(core: Any) -> Path:  # noqa: ANN401 - openvino.Core, imported 
     return path
 
 
-def read_model(xml: str | Path, core: Any = None) -> Any:  # noqa: ANN401
+def read_model(xml: str | Path, core: Any = None) -> Any:
     """``core.read_model(xml)`` for portable and fused IRs alike (adds the extension when the IR needs it).
 
-    A fused IR that cannot be read (the extension is unavailable) raises a ``RuntimeError`` saying what to add.
+    A fused IR that cannot be read (extension unavailable) raises a ``RuntimeError`` saying what to add.
     """
     import openvino as ov
 
@@ -87,12 +87,14 @@ def read_model(xml: str | Path, core: Any = None) -> Any:  # noqa: ANN401
         try:
             add_extension(core)
         except RuntimeError as exc:
-            msg = f"{xml} uses the fused selective scan (op anomalib_kd::{FUSED_OP_TYPE}): {HOW_TO_LOAD}. {exc}"
+            msg = (
+                f"{xml} uses the fused selective scan (op anomalib_kd::{FUSED_OP_TYPE}): {HOW_TO_LOAD}. {exc}"
+            )
             raise RuntimeError(msg) from exc
     return core.read_model(str(xml))
 
 
-def _annotate_fused_nodes(model: Any, library: Path) -> int:  # noqa: ANN401
+def _annotate_fused_nodes(model: Any, library: Path) -> int:
     """Name each fused node after the file that loads it, so that OpenVINO's own error for an IR read
     without the extension ("Cannot create SelectiveScan layer <name> ...") says which file to add; the
     path also goes to the model's ``rt_info``. Returns the number of fused nodes."""
@@ -110,7 +112,7 @@ def _annotate_fused_nodes(model: Any, library: Path) -> int:  # noqa: ANN401
 
 
 def export_openvino(
-    model: Any,  # noqa: ANN401 - an anomalib AnomalibModule (ExportMixin.to_onnx)
+    model: Any,
     export_root: str | Path,
     input_size: tuple[int, int] | None = None,
     *,

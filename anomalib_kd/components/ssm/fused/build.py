@@ -83,7 +83,9 @@ def _compiler() -> str:
 
 def build_key(cxx: str, ov_version: str) -> str:
     """Cache key: source, OpenVINO version, compiler version, CPU flags and compile flags."""
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True, timeout=30).stdout
+    version = subprocess.run(
+        [cxx, "--version"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
     digest = hashlib.sha256()
     for part in (SOURCE.read_bytes(), ov_version.encode(), version.encode(), _cpu_flags().encode()):
         digest.update(part)
@@ -121,7 +123,7 @@ def compile_extension() -> Path:
 
 
 def extension_path() -> Path | None:
-    """Path of the built extension library, building it on first use; ``None`` (one log line) if unavailable."""
+    """The extension library, built on first use; ``None`` (after one log line) when unavailable."""
     with _lock:
         if "path" not in _state:
             if os.environ.get("ANOMALIB_KD_FUSED_SCAN", "1") == "0":
@@ -133,7 +135,9 @@ def extension_path() -> Path | None:
                     path, reason = None, f"{type(exc).__name__}: {exc}".replace("\n", " ")
             _state["path"], _state["reason"] = path, reason
             if path is None:
-                logger.warning("Fused selective scan unavailable (%s); using the pure-operation scan.", reason)
+                logger.warning(
+                    "Fused selective scan unavailable (%s); using the pure-operation scan.", reason
+                )
         return _state["path"]  # type: ignore[return-value]
 
 

@@ -26,25 +26,25 @@ ONNX_DOMAIN = "anomalib_kd"
 ONNX_OP = "SelectiveScan"
 
 _lib_lock = threading.Lock()
-_lib: dict[str, ctypes.CDLL | None] = {}
+_lib: dict[str, object] = {}  # "path": the library path loaded below, "lib": its ctypes handle
 
 
 def kernel_library() -> ctypes.CDLL | None:
     """The extension loaded with ``ctypes`` (``None`` when it cannot be built or loaded)."""
+    path = extension_path()
     with _lib_lock:
-        if "lib" not in _lib:
-            path = extension_path()
-            lib = None
-            if path is not None:
-                lib = ctypes.CDLL(str(path))
-                ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-                lib.akd_selective_scan_f32.argtypes = [ptr] * 8 + [i64] * 5 + [ctypes.c_int]
-                lib.akd_selective_scan_f32.restype = ctypes.c_int
-                lib.akd_arith_floor.argtypes = [i64]
-                lib.akd_arith_floor.restype = ctypes.c_float
-                lib.akd_simd_width.restype = ctypes.c_int
-            _lib["lib"] = lib
-        return _lib["lib"]
+        if path is None:
+            return None
+        if _lib.get("path") != path:
+            lib = ctypes.CDLL(str(path))
+            ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+            lib.akd_selective_scan_f32.argtypes = [ptr] * 8 + [i64] * 5 + [ctypes.c_int]
+            lib.akd_selective_scan_f32.restype = ctypes.c_int
+            lib.akd_arith_floor.argtypes = [i64]
+            lib.akd_arith_floor.restype = ctypes.c_float
+            lib.akd_simd_width.restype = ctypes.c_int
+            _lib["path"], _lib["lib"] = path, lib
+        return _lib["lib"]  # type: ignore[return-value]
 
 
 def _run_kernel(lib: ctypes.CDLL, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,  # noqa: N803
@@ -140,7 +140,7 @@ def _register_onnx_schema() -> None:
 
 
 def onnx_translation_table() -> dict:
-    """``custom_translation_table`` for ``torch.onnx.export(dynamo=True)``: the op as one custom-domain node."""
+    """``custom_translation_table`` for ``torch.onnx.export(dynamo=True)``: the op as one custom node."""
     from onnxscript import values
 
     _register_onnx_schema()  # the exporter's op builder looks ops up by schema
