@@ -116,6 +116,8 @@ struct ScanArgs {
   const float* D;           // may be null
   const float* delta_bias;  // may be null
   float* y;
+  const float* bt;  // B transposed to step-major (batch, G, L, N): filled by run_scan
+  const float* ct;  // C likewise
   int64_t batch, d, L, N, G;
   bool softplus;
 };
@@ -150,9 +152,8 @@ static void scan_block(const ScanArgs& a, int64_t b, int64_t c0, int nv, int64_t
     if (a.D) dskip[k] = a.D[c0 + k];
   }
   alignas(64) vf ub[TILE], db[TILE], yb[TILE];
-  std::vector<float> bt(TILE * N), ct(TILE * N);  // step-major B_t, C_t of the tile
-  const float* brow = a.B + (b * a.G + g) * N * L;
-  const float* crow = a.C + (b * a.G + g) * N * L;
+  const float* bt = a.bt + (b * a.G + g) * L * N;  // step-major: B_t is N contiguous floats
+  const float* ct = a.ct + (b * a.G + g) * L * N;
   const int64_t base = (b * a.d + c0) * L;
   for (int64_t t0 = 0; t0 < L; t0 += TILE) {
     const int tt = static_cast<int>(std::min<int64_t>(TILE, L - t0));
@@ -168,20 +169,14 @@ static void scan_block(const ScanArgs& a, int64_t b, int64_t c0, int nv, int64_t
         db[t][k] = dp[t];
       }
     }
-    for (int64_t n = 0; n < N; ++n) {
-      for (int t = 0; t < tt; ++t) {
-        bt[t * N + n] = brow[n * L + t0 + t];
-        ct[t * N + n] = crow[n * L + t0 + t];
-      }
-    }
     for (int t = 0; t < tt; ++t) {
       vf dt = db[t] + bias;
       if (a.softplus) dt = vsoftplus(dt);
       for (int k = nv; k < W; ++k) dt[k] = 0.0f;  // padded lanes: no decay, no input
       const vf x = dt * ub[t];
       vf acc = dskip * ub[t];
-      const float* bn = &bt[t * N];
-      const float* cn = &ct[t * N];
+      const float* bn = bt + (t0 + t) * N;
+      const float* cn = ct + (t0 + t) * N;
       for (int64_t n = 0; n < N; ++n) {
         h[n] = vexp(dt * av[n]) * h[n] + x * bn[n];
         acc += h[n] * cn[n];
@@ -195,7 +190,23 @@ static void scan_block(const ScanArgs& a, int64_t b, int64_t c0, int nv, int64_t
   }
 }
 
-static void run_scan(const ScanArgs& a) {
+static void run_scan(ScanArgs a) {
+  // B and C to step-major once (shared by every channel block of a group), so the inner loop reads
+  // B_t and C_t as N contiguous floats.
+  std::vector<float> bt(static_cast<size_t>(a.batch * a.G * a.L * a.N)), ct(bt.size());
+  tbb::parallel_for(int64_t(0), a.batch * a.G, [&](int64_t bg) {
+    const float* bsrc = a.B + bg * a.N * a.L;
+    const float* csrc = a.C + bg * a.N * a.L;
+    float* bdst = bt.data() + bg * a.L * a.N;
+    float* cdst = ct.data() + bg * a.L * a.N;
+    for (int64_t n = 0; n < a.N; ++n)
+      for (int64_t t = 0; t < a.L; ++t) {
+        bdst[t * a.N + n] = bsrc[n * a.L + t];
+        cdst[t * a.N + n] = csrc[n * a.L + t];
+      }
+  });
+  a.bt = bt.data();
+  a.ct = ct.data();
   const int64_t dg = a.d / a.G;
   const int64_t blocks_per_group = (dg + W - 1) / W;
   const int64_t items = a.batch * a.G * blocks_per_group;
@@ -300,7 +311,7 @@ class SelectiveScan : public ov::op::Op {
     outputs[0].set_shape(us);
     ScanArgs a{inputs[0].data<const float>(), inputs[1].data<const float>(), inputs[2].data<const float>(),
                inputs[3].data<const float>(), inputs[4].data<const float>(), inputs[5].data<const float>(),
-               inputs[6].data<const float>(), outputs[0].data<float>(), static_cast<int64_t>(us[0]),
+               inputs[6].data<const float>(), outputs[0].data<float>(), nullptr, nullptr, static_cast<int64_t>(us[0]),
                static_cast<int64_t>(us[1]), static_cast<int64_t>(us[2]), N, G, m_softplus};
     if (ov::shape_size(us) > 0) run_scan(a);
     return true;
@@ -333,7 +344,7 @@ __attribute__((visibility("default"))) int akd_selective_scan_f32(const float* u
                                                                   const float* delta_bias, float* y,
                                                                   int64_t batch, int64_t d, int64_t L,
                                                                   int64_t N, int64_t G, int softplus) {
-  akd::ScanArgs a{u, delta, A, B, C, D, delta_bias, y, batch, d, L, N, G, softplus != 0};
+  akd::ScanArgs a{u, delta, A, B, C, D, delta_bias, y, nullptr, nullptr, batch, d, L, N, G, softplus != 0};
   if (batch * d * L > 0) akd::run_scan(a);
   return akd::W;
 }
