@@ -14,6 +14,12 @@ anomalib's own ``to_openvino`` (the same path as ``anomalib export``) and compil
 - achieved GFLOP/s = GFLOPs per image / latency at batch 1, eager and OpenVINO;
 - the process's peak resident memory (building, eager runs, export and OpenVINO runs together).
 
+``pdd_fused`` and ``dhkd_fused`` are PDD and DHKD with the fused selective scan
+(:mod:`anomalib_kd.components.ssm.fused`): eager runs inside ``use_fused_scan()`` and the OpenVINO IR is
+exported with ``export_openvino(..., fused=True)`` and compiled with the extension (built on first use;
+without a compiler the row notes the fallback and measures the portable IR). The plain ``pdd``/``dhkd``
+rows are the portable export (pure operations, any OpenVINO runtime).
+
 Input is 256x256, except D24FAD at 128x128 (its paper size) with K=8 random supports stored in the
 model as buffers, so the exported model has a single image input.
 
@@ -127,12 +133,15 @@ MODELS: dict[str, tuple[Callable[[], torch.nn.Module], int]] = {
     "urd_r18": (_urd("resnet18"), 256),
     "rd": (_rd, 256),
     "dhkd": (_dhkd, 256),
+    "dhkd_fused": (_dhkd, 256),
     "efficientad": (_efficientad, 256),
     "pdd": (_pdd, 256),
+    "pdd_fused": (_pdd, 256),
     "d24fad": (_d24fad, 128),
     "patchcore": (_patchcore, 256),
 }
-DEFAULT_MODELS = ["urd", "dhkd", "pdd", "d24fad", "rd", "efficientad", "patchcore"]
+DEFAULT_MODELS = ["urd", "dhkd", "dhkd_fused", "pdd", "pdd_fused", "d24fad", "rd", "efficientad", "patchcore"]
+FUSED_SUFFIX = "_fused"  # rows that run the selective scan through the fused operator
 
 
 def _median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -182,9 +191,15 @@ def measure(name: str, repeats: int, batch: int) -> dict[str, Any]:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
+    from anomalib_kd.components.ssm.fused import use_fused_scan
+
     factory, size = MODELS[name]
     row: dict[str, Any] = {"model": name, "image_size": size}
     errors: list[str] = []
+    fused = name.endswith(FUSED_SUFFIX)
+    if fused:
+        with use_fused_scan() as active:
+            row["notes"] = "fused scan" if active else "fused scan unavailable: portable scan measured"
     torch.manual_seed(0)
     model = factory().eval()
     row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
@@ -200,19 +215,19 @@ def measure(name: str, repeats: int, batch: int) -> dict[str, Any]:
     except Exception as exc:
         errors.append(_error("flops", exc))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), use_fused_scan(fused):
             row |= _timings("eager", lambda: model(one), lambda: model(many), gflops, batch, repeats)
     except Exception as exc:
         errors.append(_error("eager", exc))
     try:
         with tempfile.TemporaryDirectory() as root:
-            compiled = _export_openvino(model, Path(root) / "dynamic", size)
+            compiled = _export_openvino(model, Path(root) / "dynamic", size, fused)
             one_np, many_np = one.numpy(), many.numpy()
             exported_batch = compiled.input(0).get_partial_shape()[0]
             if exported_batch.is_static:
                 # The exporter specialised the batch axis (anomalib's Patchcore comes out with batch 2):
                 # export again with a static batch of 1; batch throughput is then `batch` calls of one.
-                compiled = _export_openvino(model, Path(root) / "static", size, dynamic_axes={})
+                compiled = _export_openvino(model, Path(root) / "static", size, fused, dynamic_axes={})
                 row["notes"] = "; ".join(
                     filter(None, [row.get("notes"), f"OpenVINO b{batch}: {batch} x b1 (export batch static)"])
                 )
@@ -233,12 +248,20 @@ def measure(name: str, repeats: int, batch: int) -> dict[str, Any]:
     return row
 
 
-def _export_openvino(model: torch.nn.Module, root: Path, size: int, **onnx_kwargs: Any) -> Any:
-    """Export with anomalib's own ``to_openvino`` and compile for the CPU in f32."""
+def _export_openvino(
+    model: torch.nn.Module, root: Path, size: int, fused: bool = False, **onnx_kwargs: Any
+) -> Any:
+    """Export with anomalib's own ``to_openvino`` (``fused``: with the fused scan) and compile in f32."""
     import openvino as ov
 
+    from anomalib_kd.components.ssm.fused import export_openvino, read_model
+
+    core = ov.Core()
+    if fused:
+        xml = export_openvino(model, root, (size, size), fused=True, onnx_kwargs=onnx_kwargs or None)
+        return core.compile_model(read_model(xml, core), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     xml = model.to_openvino(export_root=root, input_size=(size, size), onnx_kwargs=onnx_kwargs or None)
-    return ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return core.compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
 
 
 def _timings(

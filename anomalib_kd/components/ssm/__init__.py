@@ -1,6 +1,8 @@
 """State-space components shared by DHKD (HSTM) and PDD (VMamba-Tiny teacher).
 
 - :func:`selective_scan`: Mamba's selective scan, chunked pure PyTorch (CPU, export) or mamba-ssm (CUDA).
+- :mod:`.fused`: the same scan as a fused C++ operator for OpenVINO's CPU runtime and eager CPU inference
+  (built on first use; opt-in export with ``fused.export_openvino(..., fused=True)``).
 - :class:`SS2D`, :func:`cross_scan`, :func:`cross_merge`: VMamba's 2-D selective-scan module (v0).
 - :class:`VMambaTiny`, :func:`load_vmamba_checkpoint`: VMamba-Tiny v0 backbone and its checkpoint loader.
 """

@@ -24,6 +24,7 @@ the exported scan ran 2x faster in OpenVINO for one ``(d, N, L)``-sized buffer).
 
 from __future__ import annotations
 
+import contextvars
 import math
 
 import torch
@@ -37,6 +38,16 @@ except ImportError:  # pragma: no cover - depends on the environment
     _mamba_selective_scan_fn = None
 
 __all__ = ["auto_chunk_size", "mamba_ssm_available", "selective_scan", "selective_scan_torch"]
+
+# Set by anomalib_kd.components.ssm.fused.use_fused_scan (only when the extension is built and loads):
+# CPU scans outside autograd run the fused C++ kernel, and traced (exported) scans become one
+# anomalib_kd::selective_scan node. Off by default: exports stay portable.
+_FUSED_SCAN = contextvars.ContextVar("anomalib_kd_fused_scan", default=False)
+
+
+def fused_scan_enabled() -> bool:
+    """Whether the fused scan was switched on for this context (:func:`~.fused.use_fused_scan`)."""
+    return _FUSED_SCAN.get()
 
 
 def mamba_ssm_available() -> bool:
@@ -58,6 +69,16 @@ def _is_tracing() -> bool:
         or torch.jit.is_scripting()
         or torch.onnx.is_in_onnx_export()
     )
+
+
+def _use_fused_op(*tensors: Tensor | None) -> bool:
+    """``backend="auto"`` inside ``use_fused_scan``: CPU, and tracing or no gradient needed (the fused
+    operator has no backward; training keeps the chunked scan)."""
+    if not _FUSED_SCAN.get() or tensors[0].is_cuda:
+        return False
+    if _is_tracing():
+        return True
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
 def auto_chunk_size(seq_len: int) -> int:
@@ -96,14 +117,21 @@ def selective_scan(
         delta_bias: ``(d,)``, added to ``delta`` before the softplus.
         delta_softplus: apply ``softplus`` to ``delta + delta_bias``.
         chunk_size: within-chunk length ``T`` of the pure path (default: :func:`auto_chunk_size`).
-        backend: ``"auto"`` (mamba-ssm on CUDA when importable and not tracing), ``"torch"`` or ``"mamba"``.
+        backend: ``"auto"`` (mamba-ssm on CUDA when importable and not tracing; inside
+            :func:`~anomalib_kd.components.ssm.fused.use_fused_scan`, the fused CPU operator when tracing
+            or when no input needs a gradient), ``"torch"``, ``"mamba"`` or ``"fused"`` (the fused
+            operator, built on first use; without the extension it falls back to the pure scan).
 
     Returns:
         ``y`` of shape ``(batch, d, L)`` in ``u``'s dtype (the pure path computes in f32 or f64).
     """
-    if backend not in {"auto", "torch", "mamba"}:
-        msg = f"backend must be 'auto', 'torch' or 'mamba', got {backend!r}"
+    if backend not in {"auto", "torch", "mamba", "fused"}:
+        msg = f"backend must be 'auto', 'torch', 'mamba' or 'fused', got {backend!r}"
         raise ValueError(msg)
+    if backend == "fused" or (backend == "auto" and _use_fused_op(u, delta, A, B, C, D, delta_bias)):
+        from .fused.ops import fused_selective_scan
+
+        return fused_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus)
     use_mamba = backend == "mamba" or (backend == "auto" and uses_fused_kernel(u))
     if use_mamba:
         if _mamba_selective_scan_fn is None:

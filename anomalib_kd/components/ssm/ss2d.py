@@ -16,7 +16,13 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .selective_scan import _is_tracing, scan_chunk_steps, selective_scan, uses_fused_kernel
+from .selective_scan import (
+    _is_tracing,
+    fused_scan_enabled,
+    scan_chunk_steps,
+    selective_scan,
+    uses_fused_kernel,
+)
 
 __all__ = ["SS2D", "cross_merge", "cross_scan"]
 
@@ -147,11 +153,12 @@ class SS2D(nn.Module):
         """Whether :meth:`forward_core_rows` runs: square maps, inference or export, pure-PyTorch scan.
 
         Training keeps :meth:`forward_core` (its scan checkpoints segments to bound backward memory), and
-        CUDA with mamba-ssm keeps the fused kernel.
+        CUDA with mamba-ssm, or CPU inside ``use_fused_scan``, keeps the fused kernel.
         """
         height, width = x.shape[-2:]
         inference = not torch.is_grad_enabled() or _is_tracing()
-        return height == width and self.chunk_size is None and inference and not uses_fused_kernel(x)
+        fused = uses_fused_kernel(x) or (fused_scan_enabled() and not x.is_cuda)
+        return height == width and self.chunk_size is None and inference and not fused
 
     def forward_core_rows(self, x: Tensor) -> Tensor:
         """:meth:`forward_core` with each image row (column) as one chunk of the chunked scan, channels-last.

@@ -1,0 +1,327 @@
+"""Fused selective scan (C++ OpenVINO extension) vs the f64 per-step reference, export, and fallback.
+
+The extension is compiled once per test session into a temporary cache (about 15-20 s of g++ here).
+Without a C++ compiler the tests that need the library are skipped, saying so; the fallback tests run
+everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from anomalib_kd.components.ssm import SS2D, selective_scan
+from anomalib_kd.components.ssm.fused import (
+    add_extension,
+    export_openvino,
+    extension_path,
+    fused_selective_scan,
+    kernel_library,
+    onnx_translation_table,
+    read_model,
+    use_fused_scan,
+)
+
+from .test_selective_scan import make_inputs, reference_scan, rel_err
+
+build = importlib.import_module("anomalib_kd.components.ssm.fused.build")
+ov = pytest.importorskip("openvino")
+onnx = pytest.importorskip("onnx")
+
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+INPUT_NAMES = ["u", "delta", "A", "B", "C", "D", "delta_bias"]
+NO_COMPILER = shutil.which(os.environ.get("CXX", "g++")) is None
+
+
+@pytest.fixture(scope="session")
+def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Build the extension once per session into a fresh temporary cache (never the user's)."""
+    if NO_COMPILER:
+        pytest.skip(
+            "no C++ compiler (g++ or $CXX): the fused scan cannot be built; the fallback tests cover this"
+        )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ANOMALIB_KD_CACHE_DIR", str(tmp_path_factory.mktemp("akd_cache")))
+        mp.delenv("ANOMALIB_KD_FUSED_SCAN", raising=False)
+        build.reset()
+        start = time.perf_counter()
+        path = extension_path()
+        elapsed = time.perf_counter() - start
+        # A compiler is here, so a failed build is a bug, not a reason to skip.
+        assert path is not None, f"fused scan build failed: {build.unavailable_reason()}"
+        print(f"\nfused scan extension built in {elapsed:.1f} s: {path}")
+    return path
+
+
+@pytest.fixture
+def with_library(library: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The session's library as this test's extension (other tests may have reset the build state)."""
+    monkeypatch.setattr(build, "_state", {"path": library, "reason": ""})
+    return library
+
+
+def scan_onnx(shapes: list[tuple[int, ...]], softplus: bool) -> bytes:
+    """A one-node ONNX model: the custom-domain ``anomalib_kd::SelectiveScan`` the fused export writes."""
+    from onnx import TensorProto, helper
+
+    inputs = [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s))
+        for n, s in zip(INPUT_NAMES, shapes, strict=True)
+    ]
+    node = helper.make_node(
+        "SelectiveScan", INPUT_NAMES, ["y"], domain="anomalib_kd", delta_softplus=int(softplus)
+    )
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shapes[0]))
+    graph = helper.make_graph([node], "scan", inputs, [output])
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("anomalib_kd", 1)]
+    return helper.make_model(graph, opset_imports=opsets).SerializeToString()
+
+
+def run_openvino_op(
+    library: Path,
+    tmp_path: Path,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,  # noqa: N803
+    B: torch.Tensor,  # noqa: N803
+    C: torch.Tensor,  # noqa: N803
+    D: torch.Tensor | None = None,  # noqa: N803
+    delta_bias: torch.Tensor | None = None,
+    softplus: bool = False,
+) -> torch.Tensor:
+    """The OpenVINO op (through the ONNX frontend conversion) on one input set; absent D/bias as zeros."""
+    zeros = torch.zeros(u.shape[1])
+    args = [u, delta, A, B, C, zeros if D is None else D, zeros if delta_bias is None else delta_bias]
+    path = tmp_path / "scan.onnx"
+    path.write_bytes(scan_onnx([tuple(a.shape) for a in args], softplus))
+    model = ov.convert_model(str(path), extension=str(library))
+    assert [op.get_type_name() for op in model.get_ordered_ops()].count("SelectiveScan") == 1
+    core = ov.Core()
+    add_extension(core)
+    compiled = core.compile_model(model, "CPU", F32)
+    return torch.from_numpy(compiled([a.float().numpy() for a in args])[0])
+
+
+@pytest.mark.parametrize(
+    ("batch", "d", "n", "seq_len", "groups"),
+    [
+        (1, 4, 3, 1, 1),  # a single step
+        (2, 8, 4, 37, 2),  # odd length
+        (1, 6, 5, 64, None),  # ungrouped (batch, N, L) B/C
+        (2, 12, 16, 300, 4),  # VMamba-like grouping (N = 16: the unrolled kernel)
+        (1, 40, 16, 131, 2),  # 20 channels a group: a partial channel block at each group's end
+        (1, 16, 16, 1024, 4),
+    ],
+)
+def test_openvino_op_matches_reference(with_library, tmp_path, batch, d, n, seq_len, groups):
+    u, delta, A, B, C, D, delta_bias = make_inputs(batch, d, n, seq_len, groups)  # noqa: N806
+    ref = reference_scan(u, delta, A, B, C, D, delta_bias, delta_softplus=True)
+    y = run_openvino_op(with_library, tmp_path, u, delta, A, B, C, D, delta_bias, softplus=True)
+    assert y.shape == u.shape
+    assert rel_err(y, ref) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("use_d", "use_bias", "softplus"),
+    [(False, False, False), (True, False, False), (False, True, True), (True, True, False)],
+)
+def test_openvino_op_optional_terms(with_library, tmp_path, use_d, use_bias, softplus):
+    u, delta, A, B, C, D, delta_bias = make_inputs(2, 8, 16, 77, 2)  # noqa: N806
+    delta = delta.abs() * 0.3  # delta >= 0 without softplus, as the recurrence assumes
+    D = D if use_d else None  # noqa: N806
+    delta_bias = delta_bias.abs() if use_bias else None
+    ref = reference_scan(u, delta, A, B, C, D, delta_bias, softplus)
+    y = run_openvino_op(with_library, tmp_path, u, delta, A, B, C, D, delta_bias, softplus)
+    assert rel_err(y, ref) <= 1e-5
+    # The eager operator (the same kernel through ctypes) takes the optional arguments as None.
+    assert rel_err(fused_selective_scan(u, delta, A, B, C, D, delta_bias, softplus), ref) <= 1e-5
+
+
+def test_openvino_op_long_sequence(with_library, tmp_path):
+    """L = 4096 with strong decays and softplus over a wide input range (negative and large deltas)."""
+    u, delta, A, B, C, D, delta_bias = make_inputs(1, 8, 16, 4096, 2, seed=3)  # noqa: N806
+    A = A * 4  # noqa: N806
+    delta = delta * 8  # softplus inputs from about -25 to 20: both branches of the vector softplus
+    ref = reference_scan(u, delta, A, B, C, D, delta_bias, delta_softplus=True)
+    y = run_openvino_op(with_library, tmp_path, u, delta, A, B, C, D, delta_bias, softplus=True)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, ref) <= 1e-5
+
+
+def test_eager_backend_fused(with_library):
+    args = make_inputs(2, 24, 16, 200, 4, seed=5)
+    ref = reference_scan(*args, delta_softplus=True)
+    y = selective_scan(*args, delta_softplus=True, backend="fused")
+    assert rel_err(y, ref) <= 1e-5
+    with use_fused_scan() as active:  # backend="auto" inside the context, no autograd: the kernel
+        assert active
+        y_auto = selective_scan(*args, delta_softplus=True)
+    torch.testing.assert_close(y_auto, y, rtol=0, atol=0)
+
+
+def test_autograd_keeps_chunked_scan(with_library):
+    """Inside use_fused_scan, inputs that need gradients still run the differentiable chunked scan."""
+    leaves = [t.clone().requires_grad_() for t in make_inputs(1, 8, 4, 30, 2)]
+    with use_fused_scan():
+        y = selective_scan(*leaves, delta_softplus=True)
+    y.sum().backward()
+    assert all(t.grad is not None for t in leaves)
+
+
+def test_ss2d_fused_eager_and_ir_match_portable(with_library, tmp_path):
+    """One SS2D module: fused eager == portable eager, and its fused OpenVINO IR within 1e-3."""
+    torch.manual_seed(0)
+    module = SS2D(d_model=24, d_state=16).eval()
+    x = torch.randn(1, 12, 12, 24)
+    with torch.no_grad():
+        expected = module(x)
+        with use_fused_scan():
+            fused_eager = module(x)
+    assert rel_err(fused_eager, expected.double()) <= 1e-5
+
+    onnx_path = tmp_path / "ss2d.onnx"
+    with use_fused_scan(), torch.no_grad():
+        torch.onnx.export(module, (x,), str(onnx_path), dynamo=True, opset_version=18,
+                          custom_translation_table=onnx_translation_table())  # fmt: skip
+    nodes = onnx.load(str(onnx_path)).graph.node
+    assert [n.op_type for n in nodes if n.domain == "anomalib_kd"] == ["SelectiveScan"]
+    xml = tmp_path / "ss2d.xml"
+    ov.save_model(ov.convert_model(str(onnx_path), extension=str(with_library)), xml, compress_to_fp16=False)
+    compiled = ov.Core().compile_model(read_model(xml), "CPU", F32)
+    out = torch.from_numpy(compiled(x.numpy())[0])
+    assert (out - expected).abs().max().item() <= 1e-3 * expected.abs().max().item()
+
+
+def test_default_export_stays_portable():
+    """Without use_fused_scan, the traced graph holds no fused operator (no extension needed to load it)."""
+    torch.manual_seed(0)
+    module = SS2D(d_model=8, d_state=4).eval()
+    x = torch.randn(1, 4, 4, 8)
+    with torch.no_grad():
+        program = torch.export.export(module, (x,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not any("anomalib_kd" in t for t in targets)
+
+
+class _TinyScanModule(torch.nn.Module):
+    """An anomalib-like module with ``to_onnx``/``to_openvino`` (the export mixin's signatures)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ss2d = SS2D(d_model=8, d_state=4).eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ss2d(x)
+
+    def to_onnx(self, root, name, input_size, **kwargs):
+        path = Path(root) / f"{name}.onnx"
+        torch.onnx.export(self, (torch.randn(1, *input_size, 8),), str(path), dynamo=True, **kwargs)
+        return path
+
+    def to_openvino(self, root, name, input_size, onnx_kwargs=None):
+        xml = Path(root) / "weights" / "openvino" / f"{name}.xml"
+        xml.parent.mkdir(parents=True, exist_ok=True)
+        ov.save_model(ov.convert_model(self.to_onnx(root, name, input_size, **(onnx_kwargs or {}))), xml)
+        return xml
+
+
+def test_fused_ir_without_extension_names_the_file(with_library, tmp_path):
+    torch.manual_seed(0)
+    model = _TinyScanModule().eval()
+    xml = export_openvino(model, tmp_path, (6, 6), fused=True)
+    with pytest.raises(RuntimeError, match=r"add_extension\('.*libanomalib_kd_fused_scan\.so'\)"):
+        ov.Core().read_model(str(xml))  # plain OpenVINO: its error carries the node name we set
+    compiled = ov.Core().compile_model(read_model(xml), "CPU", F32)
+    x = torch.randn(1, 6, 6, 8)
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(torch.from_numpy(compiled(x.numpy())[0]), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def broken_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No usable compiler and an empty cache: the build must fail."""
+    monkeypatch.setenv("ANOMALIB_KD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(build, "_state", {})
+
+
+def test_fallback_is_logged_once_and_runs_pure_scan(broken_compiler, caplog):
+    caplog.set_level(logging.WARNING, logger=build.__name__)
+    args = make_inputs(1, 8, 4, 21, 2)
+    expected = selective_scan(*args, delta_softplus=True, backend="torch")
+    with use_fused_scan() as active:
+        y = selective_scan(*args, delta_softplus=True)
+    assert not active
+    assert kernel_library() is None and extension_path() is None
+    assert torch.equal(y, expected)
+    # backend="fused" (the torch operator) falls back to the same pure scan.
+    torch.testing.assert_close(selective_scan(*args, delta_softplus=True, backend="fused"), expected)
+    warnings = [r for r in caplog.records if "Fused selective scan unavailable" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "no-such-compiler" in warnings[0].getMessage()
+
+
+def test_fallback_export_and_helpers(broken_compiler, tmp_path):
+    """Without the extension: fused export writes the portable IR, and the helpers say why they fail."""
+    torch.manual_seed(0)
+    xml = export_openvino(_TinyScanModule().eval(), tmp_path / "export", (4, 4), fused=True)
+    assert 'type="SelectiveScan"' not in xml.read_text()
+    with pytest.raises(RuntimeError, match="no-such-compiler"):
+        add_extension(ov.Core())
+    fused_xml = tmp_path / "fused.xml"
+    fused_xml.write_text(
+        '<net><layers><layer id="0" type="SelectiveScan" version="anomalib_kd"/></layers></net>'
+    )
+    with pytest.raises(RuntimeError, match="add_extension"):
+        read_model(fused_xml)
+
+
+def test_disabled_by_environment(monkeypatch, caplog):
+    monkeypatch.setenv("ANOMALIB_KD_FUSED_SCAN", "0")
+    monkeypatch.setattr(build, "_state", {})
+    caplog.set_level(logging.WARNING, logger=build.__name__)
+    assert extension_path() is None
+    assert "ANOMALIB_KD_FUSED_SCAN=0" in caplog.text
+
+
+def test_cache_is_reused(library, monkeypatch):
+    """A second process-level decision finds the cached library instead of compiling again."""
+    monkeypatch.setenv("ANOMALIB_KD_CACHE_DIR", str(library.parents[2]))
+    monkeypatch.setattr(build, "_state", {})
+    start = time.perf_counter()
+    assert extension_path() == library
+    assert "build_s" not in build._state
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("model_name", ["DHKD", "PDD"])
+def test_fused_ir_of_models_matches_eager(with_library, tmp_path, model_name):
+    """PDD and DHKD (random weights) exported with fused=True: scores and maps within 1e-3 of eager.
+
+    Heavy: the exports alone take 1.5 min (DHKD at 64 px) to 5 min (PDD) on 2 busy cores.
+    """
+    import anomalib_kd
+
+    torch.manual_seed(0)
+    kwargs = {"image_size": 64} if model_name == "DHKD" else {}
+    model = getattr(anomalib_kd, model_name)(pre_trained=False, **kwargs).eval()
+    size = 64
+    x = torch.rand(1, 3, size, size)
+    with torch.no_grad():
+        expected = model(x)
+    xml = export_openvino(model, tmp_path, (size, size), fused=True)
+    assert 'type="SelectiveScan"' in xml.read_text()
+    outputs = ov.Core().compile_model(read_model(xml), "CPU", F32)(x.numpy())
+    for i, name in enumerate(k for k, v in expected._asdict().items() if v is not None):
+        ref = getattr(expected, name).float()
+        out = torch.from_numpy(outputs[i]).float()
+        assert (out - ref).abs().max().item() <= 1e-3 * max(ref.abs().max().item(), 1e-6), name
