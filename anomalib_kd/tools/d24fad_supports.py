@@ -51,11 +51,11 @@ def export_command(args: argparse.Namespace) -> Path:
 
 
 def features_command(args: argparse.Namespace) -> Path:
+    from anomalib_kd.data.image import image_files
     from anomalib_kd.models.d24fad.export import save_support_features
-    from anomalib_kd.models.d24fad.lightning_model import _support_files
 
     module = _load_module(args.ckpt_path)
-    files = _support_files(Path(args.support_dir))
+    files = image_files(args.support_dir)
     module.set_supports(files)
     path = save_support_features(module, args.output, files)
     print(f"wrote {path}: {len(files)} supports from {args.support_dir}")

@@ -301,10 +301,10 @@ def test_score_modes_and_errors(root: Path) -> None:
         small_model(score_mode="median")
     with pytest.raises(ValueError, match=r"\(K, 3, H, W\)"):
         model.model.set_supports(torch.rand(2, 1, 32, 32))
-    with pytest.raises(FileNotFoundError, match="Support folder"):
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
         model.set_supports(root / "nowhere")
     (root / "empty").mkdir(exist_ok=True)
-    with pytest.raises(FileNotFoundError, match="holds no images"):
+    with pytest.raises(FileNotFoundError, match="holds no image file"):
         model.set_supports(root / "empty")
     # a one-class (non-episodic) batch is refused with a clear message
     from anomalib.data import ImageBatch

@@ -52,7 +52,6 @@ from typing import Any
 import torch
 from anomalib.data import Batch
 from anomalib.data.utils import LabelName
-from anomalib.data.utils.image import read_image
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
@@ -62,6 +61,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from anomalib_kd.components.module import DistillationModuleMixin
 from anomalib_kd.data.fewshot import _task_rng, sample_supports
+from anomalib_kd.data.image import image_files, read_image
 
 from .loss import D24FADLoss
 from .pre_processing import LanczosResize, register_for_checkpoints
@@ -71,7 +71,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["D24FAD"]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Seed keys of the support draws (as FewShotTasks: key 1 is a task's test-time K-shot draw).
 TEST_SUPPORT_KEY = 1
 EPISODE_SUPPORT_KEY = 2
@@ -81,23 +80,12 @@ register_for_checkpoints()
 
 
 def load_support_image(path: str | Path) -> torch.Tensor:
-    """Read one support image as a (3, H, W) float tensor in [0, 1].
+    """Read one support image as a (3, H, W) float tensor in [0, 1] (16-bit files at full range).
 
     The single place where D24FAD reads support files (``set_supports``, ``support_dir``, in-category
-    episodes, test-time supports from training normals): swap the reader here.
+    episodes, test-time supports from training normals): the package's shared reader.
     """
-    return read_image(path, as_tensor=True)
-
-
-def _support_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        msg = f"Support folder {folder} does not exist."
-        raise FileNotFoundError(msg)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        msg = f"Support folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})."
-        raise FileNotFoundError(msg)
-    return files
+    return read_image(path).as_subclass(torch.Tensor)
 
 
 class D24FAD(DistillationModuleMixin, AnomalibModule):
@@ -204,11 +192,7 @@ class D24FAD(DistillationModuleMixin, AnomalibModule):
             images = supports.unsqueeze(0) if supports.dim() == 3 else supports
             transformed = self._transform(images.float())
         else:
-            files = (
-                _support_files(Path(supports))
-                if isinstance(supports, str | Path)
-                else [Path(p) for p in supports]
-            )
+            files = image_files(supports) if isinstance(supports, str | Path) else [Path(p) for p in supports]
             if not files:
                 msg = "set_supports got an empty list of support images."
                 raise ValueError(msg)
