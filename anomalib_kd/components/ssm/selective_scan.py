@@ -135,7 +135,7 @@ def selective_scan(
     use_mamba = backend == "mamba" or (backend == "auto" and uses_fused_kernel(u))
     if use_mamba:
         if _mamba_selective_scan_fn is None:
-            msg = "backend='mamba' needs mamba-ssm (pip install anomalib-kd[cuda])"
+            msg = "backend='mamba' needs mamba-ssm (pip install anomalib-kd[mamba-cuda-kernels])"
             raise RuntimeError(msg)
         return _mamba_selective_scan_fn(
             u, delta, A, B, C, D, z=None, delta_bias=delta_bias, delta_softplus=delta_softplus
