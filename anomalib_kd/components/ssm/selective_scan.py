@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.nn import functional as F  # noqa: N812
 from torch.utils.checkpoint import checkpoint
 
-try:  # optional CUDA kernel (``pip install anomalib-kd[cuda]``)
+try:  # optional CUDA kernel (``pip install anomalib-kd[mamba-cuda-kernels]``)
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_selective_scan_fn
 except ImportError:  # pragma: no cover - depends on the environment
     _mamba_selective_scan_fn = None
