@@ -43,6 +43,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
+from anomalib_kd.components.export import OpenVINOQuantizationMixin, QuantizationRecipe
 from anomalib_kd.components.module import DistillationModuleMixin
 
 from .loss import D24FADLoss
@@ -66,7 +67,7 @@ def _support_files(folder: Path) -> list[Path]:
     return files
 
 
-class D24FAD(DistillationModuleMixin, AnomalibModule):
+class D24FAD(OpenVINOQuantizationMixin, DistillationModuleMixin, AnomalibModule):
     """Dual distillation (TSD + SSD with learn-to-weight) for few-shot anomaly detection.
 
     Args:
@@ -87,6 +88,11 @@ class D24FAD(DistillationModuleMixin, AnomalibModule):
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True``: defaults).
             The default pre-processor resizes to 128x128 (the paper's size); give your own for another.
     """
+
+    quantization_recipe = QuantizationRecipe(
+        ("post_processor", "model", "model.anomaly_map_generator*", "model.learn_to_weight*"),
+        reason="map head, post-processing and the support weighting over baked supports stay float",
+    )  # INT8 export
 
     def __init__(
         self,

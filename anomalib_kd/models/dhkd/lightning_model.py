@@ -42,6 +42,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torchvision.transforms.v2 import Compose, Normalize
 from tqdm.auto import tqdm
 
+from anomalib_kd.components.export import OpenVINOQuantizationMixin, QuantizationRecipe
 from anomalib_kd.components.module import DistillationModuleMixin
 
 from .loss import DHKDLoss
@@ -55,7 +56,7 @@ __all__ = ["DHKD"]
 _MAX_QUANTILE_ELEMENTS = 2**24
 
 
-class DHKD(DistillationModuleMixin, AnomalibModule):
+class DHKD(OpenVINOQuantizationMixin, DistillationModuleMixin, AnomalibModule):
     """Dual-Heterogeneous Knowledge Distillation (DHKD) with Mamba.
 
     Args:
@@ -82,6 +83,11 @@ class DHKD(DistillationModuleMixin, AnomalibModule):
         chunk_size: chunk length of the pure-PyTorch selective scan (``None``: automatic).
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True``: defaults).
     """
+
+    quantization_recipe = QuantizationRecipe(
+        ("post_processor", "model", "GaussianBlur2d", "SS2D"),
+        reason="map head, quantile normalisation, blur, post-processing and the selective scan stay float",
+    )  # INT8 export
 
     def __init__(
         self,

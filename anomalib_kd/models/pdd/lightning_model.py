@@ -30,6 +30,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
+from anomalib_kd.components.export import OpenVINOQuantizationMixin, QuantizationRecipe
 from anomalib_kd.components.module import DistillationModuleMixin
 
 from .loss import PDDLoss
@@ -42,7 +43,7 @@ __all__ = ["PDD"]
 DEFAULT_SCHEDULE_EPOCHS = 100
 
 
-class PDD(DistillationModuleMixin, AnomalibModule):
+class PDD(OpenVINOQuantizationMixin, DistillationModuleMixin, AnomalibModule):
     """Manifold-prior diverse distillation (dual teacher, dual student).
 
     Args:
@@ -65,6 +66,11 @@ class PDD(DistillationModuleMixin, AnomalibModule):
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True``: defaults).
             The default pre-processor resizes to 256x256; any multiple of 32 works.
     """
+
+    quantization_recipe = QuantizationRecipe(
+        ("post_processor", "model", "model.anomaly_map_generator*", "SS2D"),
+        reason="map head, blur, post-processing and VMamba's selective scan stay float",
+    )  # INT8 export
 
     def __init__(
         self,

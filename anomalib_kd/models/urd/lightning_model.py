@@ -28,6 +28,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
+from anomalib_kd.components.export import OpenVINOQuantizationMixin, QuantizationRecipe
 from anomalib_kd.components.module import DistillationModuleMixin
 from anomalib_kd.components.synthesis import AnomalySynthesizer
 
@@ -41,7 +42,7 @@ __all__ = ["URD"]
 _NAN_HINT = "Try lower learning rates (--model.teacher_lr / --model.student_lr) or check the input images."
 
 
-class URD(DistillationModuleMixin, AnomalibModule):
+class URD(OpenVINOQuantizationMixin, DistillationModuleMixin, AnomalibModule):
     """Reverse Distillation with Expert (URD / RD-E).
 
     Args:
@@ -63,6 +64,11 @@ class URD(DistillationModuleMixin, AnomalibModule):
             (Lightning counts two optimizer steps per iteration). ``None``: the trainer decides.
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True``: defaults).
     """
+
+    quantization_recipe = QuantizationRecipe(
+        ("post_processor", "model", "model.anomaly_map_generator*"),
+        reason="the anomaly-map head (1 - cos, up-sampling, blur, max) and post-processing stay float",
+    )  # INT8 export
 
     def __init__(
         self,
