@@ -90,11 +90,12 @@ def gflops(model: torch.nn.Module, size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def benchmark_app(xml: Path, hint: str, precision: str, seconds: int) -> dict[str, float]:
-    """OpenVINO's benchmark_app: median latency (ms) and throughput (FPS)."""
+def benchmark_app(xml: Path, hint: str, precision: str, seconds: int, size: int) -> dict[str, float]:
+    """OpenVINO's benchmark_app at batch 1 per request: median latency (ms) and throughput (FPS)."""
     command = [
         str(Path(sys.executable).parent / "benchmark_app"),
         "-m", str(xml), "-d", "CPU", "-hint", hint, "-t", str(seconds), "-infer_precision", precision,
+        "-shape", f"[1,3,{size},{size}]",
     ]  # fmt: skip
     out = subprocess.run(command, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -168,8 +169,8 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     for variant in VARIANTS:
         precision = "bf16" if variant == "bf16" else "f32"
         image_auroc, pixel_auroc = aurocs(irs[variant], precision, datamodule, size)
-        latency = benchmark_app(irs[variant], "latency", precision, args.time)
-        throughput = benchmark_app(irs[variant], "throughput", precision, args.time)
+        latency = benchmark_app(irs[variant], "latency", precision, args.time, size)
+        throughput = benchmark_app(irs[variant], "throughput", precision, args.time, size)
         rows.append({
             "model": name, "variant": variant, "image_size": size, "train_s": round(train_s),
             "latency_ms": latency["median_ms"], "throughput_fps": throughput["fps"],
