@@ -59,6 +59,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
+from anomalib_kd.components.export import OpenVINOQuantizationMixin, QuantizationRecipe
 from anomalib_kd.components.module import DistillationModuleMixin
 from anomalib_kd.data.fewshot import _task_rng, sample_supports
 from anomalib_kd.data.image import image_files, read_image
@@ -88,7 +89,7 @@ def load_support_image(path: str | Path) -> torch.Tensor:
     return read_image(path).as_subclass(torch.Tensor)
 
 
-class D24FAD(DistillationModuleMixin, AnomalibModule):
+class D24FAD(OpenVINOQuantizationMixin, DistillationModuleMixin, AnomalibModule):
     """Dual distillation (TSD + SSD with learn-to-weight) for few-shot anomaly detection.
 
     Args:
@@ -114,6 +115,11 @@ class D24FAD(DistillationModuleMixin, AnomalibModule):
             The default pre-processor resizes to 128x128 (the paper's size) with PIL's Lanczos filter, as
             the official code; give your own (or ``configure_pre_processor(size)``) for another size.
     """
+
+    quantization_recipe = QuantizationRecipe(
+        ("post_processor", "model", "model.anomaly_map_generator*", "model.learn_to_weight*"),
+        reason="map head, post-processing and the support weighting over baked supports stay float",
+    )  # INT8 export
 
     def __init__(
         self,

@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Compose, Normalize
 from tqdm.auto import tqdm
 
+from anomalib_kd.components.export import OpenVINOQuantizationMixin, QuantizationRecipe
 from anomalib_kd.components.module import DistillationModuleMixin
 from anomalib_kd.components.weights import renamed_argument
 
@@ -72,7 +73,7 @@ _UNTESTED_VAL_SPLITS = (ValSplitMode.FROM_DIR, ValSplitMode.FROM_TRAIN, ValSplit
 HELD_OUT_ATTRIBUTE = "dhkd_quantile_data"
 
 
-class DHKD(DistillationModuleMixin, AnomalibModule):
+class DHKD(OpenVINOQuantizationMixin, DistillationModuleMixin, AnomalibModule):
     """Dual-Heterogeneous Knowledge Distillation (DHKD) with Mamba.
 
     Args:
@@ -112,6 +113,11 @@ class DHKD(DistillationModuleMixin, AnomalibModule):
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True``: defaults).
         teacher_weights: deprecated name of ``weights_path``.
     """
+
+    quantization_recipe = QuantizationRecipe(
+        ("post_processor", "model", "GaussianBlur2d", "SS2D"),
+        reason="map head, quantile normalisation, blur, post-processing and the selective scan stay float",
+    )  # INT8 export
 
     def __init__(
         self,

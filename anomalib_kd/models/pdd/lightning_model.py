@@ -31,6 +31,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
+from anomalib_kd.components.export import OpenVINOQuantizationMixin, QuantizationRecipe
 from anomalib_kd.components.module import DistillationModuleMixin
 from anomalib_kd.components.weights import renamed_argument
 
@@ -44,7 +45,7 @@ __all__ = ["PDD"]
 DEFAULT_SCHEDULE_EPOCHS = 100
 
 
-class PDD(DistillationModuleMixin, AnomalibModule):
+class PDD(OpenVINOQuantizationMixin, DistillationModuleMixin, AnomalibModule):
     """Manifold-prior diverse distillation (dual teacher, dual student).
 
     Args:
@@ -74,6 +75,11 @@ class PDD(DistillationModuleMixin, AnomalibModule):
             The default pre-processor resizes to 256x256; any multiple of 32 works.
         wrn_weights_path: deprecated name of ``weights_path``.
     """
+
+    quantization_recipe = QuantizationRecipe(
+        ("post_processor", "model", "model.anomaly_map_generator*", "SS2D"),
+        reason="map head, blur, post-processing and VMamba's selective scan stay float",
+    )  # INT8 export
 
     def __init__(
         self,

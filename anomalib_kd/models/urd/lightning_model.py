@@ -30,6 +30,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
+from anomalib_kd.components.export import OpenVINOQuantizationMixin, QuantizationRecipe
 from anomalib_kd.components.module import DistillationModuleMixin
 from anomalib_kd.components.synthesis import FOREGROUND_METHODS, URD_MVTEC_FOREGROUND, AnomalySynthesizer
 
@@ -48,7 +49,7 @@ _LONG_MVTEC_CATEGORIES = ("cable", "transistor")
 _NAN_HINT = "Try lower learning rates (--model.teacher_lr / --model.student_lr) or check the input images."
 
 
-class URD(DistillationModuleMixin, AnomalibModule):
+class URD(OpenVINOQuantizationMixin, DistillationModuleMixin, AnomalibModule):
     """Reverse Distillation with Expert (URD / RD-E).
 
     Args:
@@ -79,6 +80,11 @@ class URD(DistillationModuleMixin, AnomalibModule):
             trainer decides.
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True``: defaults).
     """
+
+    quantization_recipe = QuantizationRecipe(
+        ("post_processor", "model", "model.anomaly_map_generator*"),
+        reason="the anomaly-map head (1 - cos, up-sampling, blur, max) and post-processing stay float",
+    )  # INT8 export
 
     def __init__(
         self,
