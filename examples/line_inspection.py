@@ -13,6 +13,9 @@
   PNG under ``<out>/masks``; ``--overlays`` adds ``<out>/overlays`` (image | anomaly map heat overlay).
 - An unreadable image or frame is logged, written to the CSV with its error, counted in the summary,
   and the run goes on.
+- D24FAD with swappable supports (``python -m anomalib_kd.tools.d24fad_supports export``): ``--supports
+  line_b.npz`` feeds that support-feature file's arrays as the IR's ``support_*`` inputs of every request,
+  so swapping the reference images of a line is swapping the file.
 """
 
 from __future__ import annotations
@@ -109,6 +112,27 @@ def input_size(model: ov.Model) -> tuple[int, int] | None:
     return None
 
 
+def support_inputs(model: ov.Model, supports: Path | None, xml: Path) -> dict[str, np.ndarray]:
+    """The ``support_*`` inputs of a swappable D24FAD IR, read from ``supports`` (empty otherwise)."""
+    names = [port.get_any_name() for port in model.inputs[1:]]
+    if supports is None:
+        if names:
+            msg = f"{xml} also takes {names}: pass the support-feature file with --supports."
+            raise ValueError(msg)
+        return {}
+    if not names:
+        msg = f"{xml} has a single input (supports baked in): --supports does not apply."
+        raise ValueError(msg)
+    from anomalib_kd.models.d24fad.export import load_support_features
+
+    features = load_support_features(supports)
+    missing = sorted(set(names) - set(features))
+    if missing:
+        msg = f"{supports} lacks the IR's inputs {missing}."
+        raise ValueError(msg)
+    return {name: features[name] for name in names}
+
+
 def to_input(image: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     """RGB uint8 HWC -> float32 [0, 1] NCHW at ``size`` (the exported graph's own input format)."""
     if size is not None and image.shape[:2] != size:
@@ -139,10 +163,15 @@ def run(
     precision: str = "f32",
     overlays: bool = False,
     jobs: int = 0,
+    supports: Path | None = None,
 ) -> Summary:
-    """Inspect every frame of ``source`` with the IR ``xml``; verdicts, masks and overlays go to ``out``."""
+    """Inspect every frame of ``source`` with the IR ``xml``; verdicts, masks and overlays go to ``out``.
+
+    ``supports``: a D24FAD support-feature file for an IR exported with swappable supports.
+    """
     core = ov.Core()
     model = core.read_model(xml)
+    extra_inputs = support_inputs(model, supports, xml)
     size = input_size(model)
     config: dict[str, str] = {"PERFORMANCE_HINT": "THROUGHPUT"}
     if precision != "default":
@@ -187,7 +216,7 @@ def run(
                 logger.error("Skipped %s: %s", frame.source, frame.error)
                 summary.unreadable.append(frame.source)
                 continue
-            queue.start_async({0: to_input(frame.image, size)}, frame)
+            queue.start_async({0: to_input(frame.image, size), **extra_inputs}, frame)
         queue.wait_all()
     summary.seconds = time.perf_counter() - start
 
@@ -209,9 +238,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", choices=["f32", "bf16", "f16", "default"], default="f32")
     parser.add_argument("--overlays", action="store_true", help="write image | heat-map overlays")
     parser.add_argument("--jobs", type=int, default=0, help="requests in flight (0: the device's optimum)")
+    parser.add_argument("--supports", type=Path, default=None, help="D24FAD support-feature file (.npz)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    summary = run(args.xml, args.source, args.out, args.device, args.precision, args.overlays, args.jobs)
+    summary = run(
+        args.xml, args.source, args.out, args.device, args.precision, args.overlays, args.jobs, args.supports
+    )
     print(summary)
     print(f"verdicts: {args.out / 'verdicts.csv'}")
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -474,3 +477,24 @@ def test_swapped_support_file_equals_reexport(trained: dict, root: Path, tmp_pat
     query = root / "alpha" / "test" / "bad" / "000.png"
     printed = main(["predict", "--model", str(xml), "--supports", str(swapped), "--json", str(query)])
     assert len(printed["pred_score"]) == 1 and np.isfinite(printed["pred_score"][0])
+
+    # the line runner takes the same support file: its verdict equals run_swappable on its own input
+    import importlib.util
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "examples" / "line_inspection.py"
+    spec = importlib.util.spec_from_file_location("line_inspection", script)
+    line = importlib.util.module_from_spec(spec)
+    sys.modules["line_inspection"] = line
+    spec.loader.exec_module(line)
+    folder = tmp_path / "station"
+    folder.mkdir()
+    shutil.copy(query, folder / "000.png")
+    summary = line.run(xml, folder, tmp_path / "verdicts", supports=swapped)
+    assert summary.inspected == 1
+    score = float(next(csv.DictReader((tmp_path / "verdicts" / "verdicts.csv").open()))["score"])
+    rgb = cv2.cvtColor(cv2.imread(str(query)), cv2.COLOR_BGR2RGB)
+    expected = run_swappable(xml, swapped, line.to_input(rgb, (32, 32)))["pred_score"].reshape(-1)[0]
+    assert score == pytest.approx(float(expected), abs=1e-4)
+    with pytest.raises(ValueError, match="--supports"):
+        line.run(xml, folder, tmp_path / "no_supports")
