@@ -37,7 +37,7 @@ def tasks_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tasks(tmp_path_factory.mktemp("int8_tasks"), names=("alpha", "beta"), sizes=(SIZE,), n_test=6)
 
 
-def _datamodule(root: Path, episodic: bool) -> object:
+def _datamodule(root: Path, episodic: bool, train_batch_size: int = 4) -> object:
     from anomalib_kd.data.fewshot import FewShotTasks
 
     return FewShotTasks(
@@ -45,7 +45,7 @@ def _datamodule(root: Path, episodic: bool) -> object:
         target="alpha",
         k_shot=2 if episodic else 6,
         mode="episodic" if episodic else "one_class",
-        train_batch_size=4,
+        train_batch_size=train_batch_size,
         eval_batch_size=4,
     )
 
@@ -98,7 +98,10 @@ def test_int8_ptq_export_ranks_like_f32(name: str, tasks_root: Path, tmp_path: P
 
     lightning.seed_everything(0)
     model = _model(name)
-    datamodule = _datamodule(tasks_root, episodic=name == "d24fad")
+    # DHKD trains with batch size 1 (paper, official code; other sizes are refused)
+    datamodule = _datamodule(
+        tasks_root, episodic=name == "d24fad", train_batch_size=1 if name == "dhkd" else 4
+    )
     engine = Engine(
         default_root_dir=tmp_path, enable_progress_bar=False, logger=False, max_epochs=1, devices=1
     )
