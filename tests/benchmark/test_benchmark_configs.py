@@ -80,7 +80,7 @@ def test_budget_overrides_only_the_trainer_arguments() -> None:
     assert type(model).__mro__[2].__name__ == "EfficientAd"
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # ~2 minutes on a 2-core CPU: `.ci/run` runs it with `-m heavy`
 def test_stock_benchmark_runs_efficientad_offline(tiny_kdbench: Path, tmp_path: Path) -> None:
     """anomalib would download EfficientAd's teacher and ImageNette: the budgeted class needs neither."""
     job = yaml.safe_load((BENCHMARKS / "configs" / "efficientad.yaml").read_text())

@@ -87,8 +87,8 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     [
         "urd",
         "d24fad",
-        pytest.param("dhkd", marks=pytest.mark.slow),
-        pytest.param("pdd", marks=pytest.mark.slow),
+        pytest.param("dhkd", marks=pytest.mark.heavy),  # minutes on 2 cores: `.ci/run` runs `-m heavy`
+        pytest.param("pdd", marks=pytest.mark.heavy),
     ],
 )
 def test_int8_ptq_export_ranks_like_f32(name: str, tasks_root: Path, tmp_path: Path) -> None:

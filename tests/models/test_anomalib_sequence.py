@@ -97,7 +97,10 @@ MODELS: dict[str, tuple[Callable[[], object], int]] = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(MODELS))
+# PDD and DHKD take minutes each on a 2-core CPU: marked heavy (`.ci/run` runs them with `-m heavy`).
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.heavy) if n in {"PDD", "DHKD"} else n for n in MODELS]
+)
 def test_anomalib_model_sequence(
     name: str, mvtec_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -392,7 +392,7 @@ def test_full_size_openvino_export_matches_eager(tmp_path: Path) -> None:
     assert np.abs(outputs["anomaly_map"] - eager.anomaly_map.numpy()).max() < 1e-3
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # ~2 minutes on a 2-core CPU: `.ci/run` runs it with `-m heavy`
 def test_stock_cli_train_export_and_openvino_inferencer(tiny_textures_root: Path, tmp_path: Path) -> None:
     """`anomalib train` + `anomalib export` (stock command), then OpenVINOInferencer parity (f32)."""
     data_args = [
