@@ -418,13 +418,22 @@ def test_interrupted_download_leaves_no_partial_file(
 # --- nothing at construction; old argument names -----------------------------------------------------
 
 
-def test_models_touch_no_network_when_built(online: None) -> None:
+def test_models_touch_no_network_when_built(online: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Online and pre_trained=True, building the four models fetches nothing and loads no weights."""
     from anomalib_kd import D24FAD, DHKD, PDD, URD
+    from anomalib_kd.components import backbones
 
-    URD(backbone="resnet18", pre_trained=True)
-    D24FAD(backbone="resnet18", pre_trained=True)
-    DHKD(pre_trained=True, image_size=64)
-    PDD(backbone="resnet18", pre_trained=True, vmamba_depths=(1, 1, 1, 1), vmamba_dims=(8, 16, 32, 64))
+    fetched: list[str] = []
+    monkeypatch.setattr(weights_module, "fetch_url", lambda url, *_: fetched.append(url))
+    monkeypatch.setattr(backbones, "download_pretrained_state", lambda name: fetched.append(name))
+    models = [
+        URD(backbone="resnet18", pre_trained=True),
+        D24FAD(backbone="resnet18", pre_trained=True),
+        DHKD(pre_trained=True, image_size=64),
+        PDD(backbone="resnet18", pre_trained=True, vmamba_depths=(1, 1, 1, 1), vmamba_dims=(8, 16, 32, 64)),
+    ]
+    assert fetched == []
+    assert not any(bool(model.model.pretrained_loaded) for model in models)
 
 
 def test_old_weight_argument_names_still_work(tmp_path: Path) -> None:
