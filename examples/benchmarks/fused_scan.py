@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from selective_scan import make_inputs  # the sibling benchmark's stage-1-like inputs (same folder)
 
 from anomalib_kd.components.ssm import SS2D, selective_scan
 from anomalib_kd.components.ssm.fused import (
@@ -53,21 +54,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
-
-
-def scan_inputs(seq_len: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Stage-1-like inputs (VMamba init: A = -(1..16), D = 1, dt bias from logUniform[1e-3, 1e-1])."""
-    g = torch.Generator().manual_seed(seed)
-    d = GROUPS * D_INNER
-    u = torch.randn(1, d, seq_len, generator=g)
-    delta = torch.randn(1, d, seq_len, generator=g) * 0.5
-    A = -torch.arange(1, N_STATE + 1, dtype=torch.float32).repeat(d, 1)  # noqa: N806
-    B = torch.randn(1, GROUPS, N_STATE, seq_len, generator=g)  # noqa: N806
-    C = torch.randn(1, GROUPS, N_STATE, seq_len, generator=g)  # noqa: N806
-    D = torch.ones(d)  # noqa: N806
-    dt = 1e-3 * 100.0 ** torch.rand(d, generator=g)
-    delta_bias = dt + torch.log(-torch.expm1(-dt))
-    return u, delta, A, B, C, D, delta_bias
 
 
 class ScanOnly(torch.nn.Module):
@@ -130,7 +116,7 @@ def main() -> None:
         f"{updates / 1e6:.1f} M state updates\n"
     )
 
-    inputs = scan_inputs(seq_len)
+    inputs = make_inputs(seq_len)
     arrays = [t.numpy() for t in inputs]
     with torch.no_grad():
         expected = ScanOnly()(*inputs)
