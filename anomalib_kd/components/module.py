@@ -9,12 +9,16 @@ import torch
 from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.pre_processing import PreProcessor
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torchvision.transforms.v2 import Compose, Resize
 
+from anomalib_kd.components.distributed import average_batch_norm_statistics, distinct_random_streams
+
 
 class DistillationModuleMixin:
-    """Resize-only pre-processing, ``validation_step``, trainer arguments, learning type, NaN-loss guard."""
+    """Resize-only pre-processing, ``validation_step``, BatchNorm statistics under DDP, trainer arguments,
+    learning type, NaN-loss guard."""
 
     model: torch.nn.Module
     global_step: int
@@ -24,6 +28,18 @@ class DistillationModuleMixin:
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
         """Resize only: the models normalise [0, 1] images inside (synthetic anomalies, exported graph)."""
         return PreProcessor(transform=Compose([Resize(image_size or cls.default_image_size, antialias=True)]))
+
+    def setup(self, stage: str) -> None:
+        """Before fitting under DDP: one random stream per rank (see :func:`distinct_random_streams`)."""
+        super().setup(stage)  # type: ignore[misc]
+        trainer = getattr(self, "_trainer", None)
+        if stage == TrainerFn.FITTING and trainer is not None:
+            distinct_random_streams(trainer)
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        """Under DDP, the same BatchNorm running statistics on every rank (averaged over the ranks)."""
+        del args, kwargs
+        average_batch_norm_statistics(self.model)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Predict maps and scores; anomalib's post-processor fits thresholds/normalisation on them."""
