@@ -11,7 +11,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 
 class RankStateDump(Callback):
-    """Write ``rank<global rank>.pt``: the module's state dict, global step, world size, random seed."""
+    """Write ``rank<global rank>.pt``: the module's state dict, optimiser states and learning rates, global
+    step, world size, random seed."""
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
@@ -24,5 +25,7 @@ class RankStateDump(Callback):
             "global_step": trainer.global_step,
             "world_size": trainer.world_size,
             "initial_seed": torch.initial_seed(),
+            "optimizers": [optimizer.state_dict() for optimizer in trainer.optimizers],
+            "learning_rates": [group["lr"] for opt in trainer.optimizers for group in opt.param_groups],
         }
         torch.save(record, self.dirpath / f"rank{trainer.global_rank}.pt")

@@ -16,7 +16,7 @@ PDD and DHKD runs take over a minute each on 2 cores: marked heavy (``.ci/run`` 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -167,6 +167,11 @@ def test_ddp_training_matches_ranks_and_single_process(
     assert state0.keys() == state1.keys()
     differing = [key for key in state0 if not torch.equal(state0[key], state1[key])]
     assert not differing, f"{name}: the ranks ended with different {differing[:8]}"
+    assert ranks[0]["learning_rates"] == ranks[1]["learning_rates"]
+    for optimizer0, optimizer1 in zip(ranks[0]["optimizers"], ranks[1]["optimizers"], strict=True):
+        for index, slots in optimizer0["state"].items():
+            for slot, value in slots.items():
+                assert torch.equal(value, optimizer1["state"][index][slot]), f"{name}: optimiser {slot}"
 
     # Statistics fitted from data, recomputed in one process from rank 0's weights on the same data.
     expected: dict[str, torch.Tensor] = {}
@@ -217,7 +222,27 @@ def test_distributed_helpers_do_nothing_in_one_process() -> None:
     layer.running_mean.fill_(5.0)
     distributed.average_batch_norm_statistics(layer)
     assert torch.equal(layer.running_mean, torch.full((2,), 5.0))
-    trainer: Callable = type("T", (), {"world_size": 1, "global_rank": 0})()
     torch.manual_seed(3)
-    distributed.distinct_random_streams(trainer)
+    distributed.distinct_random_streams(_FakeTrainer(world_size=1, global_rank=0))
     assert torch.initial_seed() == 3
+
+
+@dataclass
+class _FakeTrainer:
+    world_size: int
+    global_rank: int
+
+
+def test_each_rank_gets_its_own_random_stream() -> None:
+    """``seed_everything`` seeds every rank alike; after ``distinct_random_streams`` ranks draw differently,
+    and the same seed and rank draw the same again."""
+    from anomalib_kd.components import distributed
+
+    draws = {}
+    for rank in (0, 1, 1):
+        torch.manual_seed(7)
+        distributed.distinct_random_streams(_FakeTrainer(world_size=2, global_rank=rank))
+        draw = torch.rand(4)
+        assert rank not in draws or torch.equal(draws[rank], draw), "same seed and rank, different draws"
+        draws[rank] = draw
+    assert not torch.equal(draws[0], draws[1]), "both ranks drew the same random numbers"

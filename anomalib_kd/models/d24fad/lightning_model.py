@@ -245,7 +245,12 @@ class D24FAD(OpenVINOQuantizationMixin, DistillationModuleMixin, AnomalibModule)
         return sorted(str(path) for path in samples.image_path)
 
     def _prepare_supports(self, required: bool = True) -> None:
-        """Find the supports for evaluation (see the module docstring) and refresh their features."""
+        """Find the supports for evaluation (see the module docstring) and refresh their features.
+
+        Under DDP every rank takes the same supports (a seeded draw from the full list of training normals,
+        not from the rank's shard) and computes their features with the same synchronised weights, so the
+        support features are identical on every rank and equal to a single process's.
+        """
         if not self._user_supports and self.support_dir:
             self.set_supports(self.support_dir)
         if not self._user_supports:
