@@ -1,6 +1,6 @@
 """``anomalib-kd``: the stock ``anomalib`` command with this package's classes registered first.
 
-Every subcommand is anomalib's own. Two things differ from ``anomalib``:
+Every subcommand is anomalib's own. Three things differ from ``anomalib``:
 
 * Registration is explicit, so it works where the automatic start-up registration is off
   (``ANOMALIB_KD_NO_AUTOLOAD=1``) or not installed (a source checkout on ``PYTHONPATH``).
@@ -10,6 +10,11 @@ Every subcommand is anomalib's own. Two things differ from ``anomalib``:
   of the config with those paths turned into the bare registered names (``URD``) and runs anomalib's
   benchmark on the copy. anomalib itself is not changed. The one rule: with the stock ``anomalib
   benchmark``, write bare names.
+* ``--seed_everything`` (command line or config file) is applied: anomalib 2.7's CLI parses it but never
+  seeds, so two ``anomalib train --seed_everything 111`` runs differ. ``anomalib-kd`` calls Lightning's
+  ``seed_everything`` with it before the model and data are built (``true``, the default: a random seed,
+  logged; ``false``: no seeding). Under DDP every process is started with the same command, so all seed
+  alike (the models then give each rank its own stream for augmentations).
 """
 
 from __future__ import annotations
@@ -72,19 +77,40 @@ def rewrite_benchmark_argv(argv: list[str], folder: Path) -> list[str]:
     return [*argv[:index], f"--config={copy}" if inline else str(copy), *argv[index + 1 :]]
 
 
+SEEDED_SUBCOMMANDS = ("train", "fit", "validate", "test", "predict")
+
+
+def seeded_cli() -> type:
+    """anomalib's ``AnomalibCLI`` that applies ``--seed_everything`` before building the classes."""
+    from anomalib.cli.cli import AnomalibCLI
+    from lightning.pytorch import seed_everything
+
+    class SeededAnomalibCLI(AnomalibCLI):
+        def before_instantiate_classes(self) -> None:
+            super().before_instantiate_classes()
+            if self.subcommand not in SEEDED_SUBCOMMANDS:
+                return
+            seed = self.config[self.subcommand].get("seed_everything", True)
+            if seed is not False and seed is not None:
+                seed_everything(None if seed is True else int(seed), workers=True)
+
+    return SeededAnomalibCLI
+
+
 def main() -> None:
-    """Register into anomalib, then run anomalib's own CLI with the same arguments."""
-    from anomalib.cli.cli import main as anomalib_main
+    """Register into anomalib, then run anomalib's own CLI (seeded) with the same arguments."""
+    from anomalib.utils.logging import configure_logger
 
     from anomalib_kd import register_into_anomalib
 
     register_into_anomalib()
+    configure_logger()
     if len(sys.argv) > 1 and sys.argv[1] == "benchmark":
         with tempfile.TemporaryDirectory(prefix="anomalib-kd-benchmark-") as folder:
             sys.argv = rewrite_benchmark_argv(sys.argv, Path(folder))
-            anomalib_main()
+            seeded_cli()()
         return
-    anomalib_main()
+    seeded_cli()()
 
 
 if __name__ == "__main__":

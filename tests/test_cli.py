@@ -71,3 +71,35 @@ def test_anomalib_kd_benchmark_runs_a_dotted_config(tiny_textures_root: Path, tm
     (row,) = csv.DictReader(results.open())
     assert row["model.class_path"] == "URD"
     assert 0.0 <= float(row["image_AUROC"]) <= 1.0
+
+
+def _urd_weights_built_by_cli(seed: str, root: Path) -> dict:
+    """The URD student's initial weights as ``anomalib-kd train --seed_everything <seed>`` builds them."""
+    import torch
+
+    from anomalib_kd.cli import seeded_cli
+
+    torch.manual_seed(12345)  # whatever ran before: the command's seed must decide
+    cli = seeded_cli()(
+        args=["train", "--model", "anomalib_kd.URD", "--model.backbone", "resnet18", "--model.pre_trained",
+              "false", "--data", "anomalib_kd.data.Textures", "--data.root", str(root),
+              "--seed_everything", seed],
+        run=False,
+    )  # fmt: skip
+    return {key: value.clone() for key, value in cli.model.model.student.state_dict().items()}
+
+
+def test_anomalib_kd_applies_seed_everything(tmp_path: Path) -> None:
+    """anomalib 2.7's CLI parses --seed_everything but never seeds; ``anomalib-kd`` applies it, so the same
+    seed builds the same initial weights and another seed other weights."""
+    import os
+
+    import torch
+
+    first = _urd_weights_built_by_cli("7", tmp_path)
+    assert torch.initial_seed() == 7
+    assert os.environ.get("PL_GLOBAL_SEED") == "7"  # DDP's other processes inherit it
+    again = _urd_weights_built_by_cli("7", tmp_path)
+    other = _urd_weights_built_by_cli("8", tmp_path)
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert not all(torch.equal(first[key], other[key]) for key in first)
