@@ -31,6 +31,7 @@ __all__ = [
     "WEIGHTS_ENV",
     "ChecksumError",
     "MissingWeightsError",
+    "UnreadableWeightsError",
     "download_file",
     "downloads_disabled",
     "fetch_url",
@@ -52,6 +53,10 @@ _NESTED_STATE_KEYS = ("state_dict", "model", "module", "teacher")
 
 class MissingWeightsError(FileNotFoundError):
     """Raised when pretrained weights are requested but no file holds them and none can be downloaded."""
+
+
+class UnreadableWeightsError(ValueError):
+    """Raised when a weights file cannot be read as a state dict (truncated, random bytes, not torch)."""
 
 
 class ChecksumError(ValueError):
@@ -218,7 +223,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     try:
-        state = timm.models.load_state_dict(str(path), use_ema=False, weights_only=True)
+        state = _load_state(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except Exception as error:  # torch/safetensors errors do not name the file: add it
+        msg = (
+            f"Cannot read weights file {path} ({path.stat().st_size} bytes) as a state dict: "
+            f"{type(error).__name__}: {error}. Is it truncated, or not a torch/safetensors weights file?"
+        )
+        raise UnreadableWeightsError(msg) from error
+    return _unwrap(state, path)
+
+
+def _load_state(path: Path) -> object:
+    try:
+        return timm.models.load_state_dict(str(path), use_ema=False, weights_only=True)
     except RuntimeError as error:
         if not isinstance(error.__cause__, pickle.UnpicklingError):
             raise
@@ -227,23 +246,27 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise
         logger.info("%s also pickles %s; read as plain data (not imported).", path, unsafe)
         with torch.serialization.safe_globals([_inert_global(name) for name in unsafe]):
-            state = timm.models.load_state_dict(str(path), use_ema=False, weights_only=True)
-    return _unwrap(state, path)
+            return timm.models.load_state_dict(str(path), use_ema=False, weights_only=True)
 
 
 def load_weights_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Load ``state`` into ``module``: every parameter/buffer of ``module`` must be present and match.
 
-    Keys of ``state`` that ``module`` lacks (e.g. a classifier head or the layers a features-only
-    backbone drops) are ignored; a missing or mis-shaped key raises, naming the file and the keys.
+    Keys of ``state`` under submodules ``module`` lacks (e.g. a classifier head or the layers a
+    features-only backbone drops) are ignored; a missing or mis-shaped key raises, naming the file and
+    the keys. So does an extra key *inside* a submodule ``module`` has (e.g. ``layer1.2.*`` of a
+    ResNet-34 file given to a ResNet-18, whose own keys would all fit): another architecture.
     """
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or mismatched:
+    own_modules = {k.split(".")[0] for k in own}
+    extra = [k for k in state if k not in own and k.split(".")[0] in own_modules]
+    if missing or mismatched or extra:
         msg = (
-            f"Weights in {source} do not fit {type(module).__name__}: "
-            f"{len(missing)} missing keys {missing[:8]}, {len(mismatched)} mis-shaped keys {mismatched[:8]}."
+            f"Weights in {source} do not fit {type(module).__name__}: {len(missing)} missing keys "
+            f"{missing[:8]}, {len(mismatched)} mis-shaped keys {mismatched[:8]}, {len(extra)} unexpected "
+            f"keys inside its layers {extra[:8]} (a file of another architecture?)."
         )
         raise RuntimeError(msg)
     module.load_state_dict({k: state[k] for k in own}, strict=True)

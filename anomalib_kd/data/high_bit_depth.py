@@ -153,6 +153,10 @@ class HighBitDepthMVTecAD(MVTecAD):
     def _setup(self, _stage: str | None = None) -> None:
         self.train_data = self._make_dataset(Split.TRAIN)
         self.test_data = self._make_dataset(Split.TEST)
+        if len(self.train_data) == 0:  # anomalib would train on nothing, silently
+            folder = Path(self.root) / self.category / "train" / "good"
+            msg = f"{type(self).__name__}: no training image in {folder} (an empty or missing folder)."
+            raise FileNotFoundError(msg)
 
 
 class HighBitDepthFolder(Folder):

@@ -26,6 +26,7 @@ from torch import nn
 
 from anomalib_kd.components.anomaly_map import AnomalyMapGenerator
 from anomalib_kd.components.backbones import create_feature_extractor, load_pretrained_backbone
+from anomalib_kd.components.inputs import check_finite_images
 from anomalib_kd.components.normalization import ImageNetNormalize
 
 TEACHER_LAYERS = ("layer1", "layer2", "layer3", "layer4")
@@ -253,6 +254,7 @@ class D24FADModel(nn.Module):
                 "or test with the FewShotTasks datamodule, which provides the target's supports."
             )
             raise RuntimeError(msg)
+        check_finite_images(images, "D24FAD")  # a NaN score would be labelled normal
         return self.predict(images, self.support_features)
 
     def predict(self, images: torch.Tensor, support_features: Sequence[torch.Tensor]) -> InferenceBatch:
@@ -262,6 +264,14 @@ class D24FADModel(nn.Module):
         batch axis, mixing neighbouring test images: a bug, not reproduced).
         """
         query = self.student_features(images)
+        if tuple(query[0].shape[-2:]) != tuple(support_features[0].shape[-2:]):
+            msg = (
+                f"D24FAD query images are {tuple(images.shape[-2:])}, but the supports were encoded from "
+                f"images of another size (support features {tuple(support_features[0].shape[-2:])}, query "
+                f"features {tuple(query[0].shape[-2:])}): queries and supports must have the same size "
+                "(the pre-processor resizes both)."
+            )
+            raise ValueError(msg)
         weighted, _ = self.learn_to_weight(query, support_features)
         anomaly_map = self.anomaly_map_generator(query, weighted, images.shape[-2:])
         if self.score_mode == "mean":

@@ -177,6 +177,7 @@ class DHKD(OpenVINOQuantizationMixin, DistillationModuleMixin, AnomalibModule):
             smoothing_sigma=smoothing_sigma,
             chunk_size=chunk_size,
         )
+        self.check_pre_processor_size()  # a Resize to another size than image_size fails here, named
         self.loss = DHKDLoss(tuple(loss_weights))
 
     # --- training ------------------------------------------------------------------------------------

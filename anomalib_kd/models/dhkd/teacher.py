@@ -215,7 +215,11 @@ def load_teacher_weights(
             "torch.save(torch.load(path, weights_only=False).state_dict(), 'teacher_medium_final_state.pth')."
         )
         raise RuntimeError(msg) from error
-    converted = convert_pdn_state_dict(state)
+    try:
+        converted = convert_pdn_state_dict(state)
+    except KeyError as error:  # name the file: the layout message alone does not say which one
+        msg = f"{path}: {error.args[0]}"
+        raise KeyError(msg) from error
     own = teacher.state_dict()
     mismatched = [k for k in own if converted[k].shape != own[k].shape]
     if mismatched:

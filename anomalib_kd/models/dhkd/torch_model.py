@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_kd.components.anomaly_map import GaussianSmoothing
+from anomalib_kd.components.inputs import check_finite_images
 from anomalib_kd.components.normalization import ImageNetNormalize
 
 from .blocks import CCM, HSTM, SCMMBlock
@@ -245,8 +246,24 @@ class DHKDModel(nn.Module):
         mean = torch.where(self.teacher_stats_set, self.teacher_mean, torch.zeros_like(self.teacher_mean))
         return (features - mean) / std
 
+    def check_input_size(self, images: Tensor) -> None:
+        """Raise ``ValueError`` unless the input is ``image_size`` x ``image_size``, the size the student is
+        built for (the logical decoder's global bottleneck kernel is ``image_size / 16``: a smaller input
+        cannot pass it, a larger one would no longer be reduced to 1x1, a different network)."""
+        height, width = (int(side) for side in images.shape[-2:])
+        if (height, width) != (self.image_size, self.image_size):
+            msg = (
+                f"DHKD was built for {self.image_size}x{self.image_size} input (image_size="
+                f"{self.image_size}: the logical decoder's global bottleneck is image_size/16 = "
+                f"{self.image_size // 16} wide), got {height}x{width}. Resize to {self.image_size}x"
+                f"{self.image_size} (DHKD's default pre-processor does) or build DHKD(image_size=...) for "
+                "another size (a multiple of 16, >= 64)."
+            )
+            raise ValueError(msg)
+
     def features(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(T^, f_S, f_G, f_L)`` for images in [0, 1]."""
+        """``(T^, f_S, f_G, f_L)`` for images in [0, 1] of size ``image_size`` (else ``ValueError``)."""
+        self.check_input_size(images)
         teacher = self.teacher_features(images)
         f_s, f_g, f_l = self.student(self.normalize(images))
         return teacher, f_s, f_g, f_l
@@ -267,7 +284,12 @@ class DHKDModel(nn.Module):
         return torch.where(is_set, norm_l, map_l), torch.where(is_set, norm_g, map_g)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | InferenceBatch:
-        """Train mode: ``(T^, f_S, f_G, f_L)`` for the losses. Eval mode: ``InferenceBatch``."""
+        """Train mode: ``(T^, f_S, f_G, f_L)`` for the losses. Eval mode: ``InferenceBatch``.
+
+        Raises ``ValueError`` for an input size other than ``image_size`` and for NaN/inf input (not
+        while exporting).
+        """
+        check_finite_images(images, "DHKD")
         if self.training:
             return self.features(images)
         map_l, map_g = self.normalize_maps(*self.raw_maps(images))

@@ -131,6 +131,7 @@ class PDD(OpenVINOQuantizationMixin, DistillationModuleMixin, AnomalibModule):
             vmamba_dims=tuple(vmamba_dims),
             sigma=sigma,
         )
+        self.check_pre_processor_size()  # a Resize to a non-multiple of 32 fails here, named
         self.loss = PDDLoss(
             lambda_kr=lambda_kr,
             alpha=alpha,

@@ -32,6 +32,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from anomalib_kd.components.anomaly_map import AnomalyMapGenerator
 from anomalib_kd.components.backbones import create_feature_extractor, load_pretrained_backbone
+from anomalib_kd.components.inputs import check_finite_images
 from anomalib_kd.components.normalization import ImageNetNormalize
 from anomalib_kd.components.ssm import VMambaTiny
 from anomalib_kd.components.ssm.vmamba import load_pretrained_vmamba
@@ -284,6 +285,7 @@ class PDDModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> InferenceBatch | dict[str, Features]:
         """Train mode: the feature dict; eval: map G(sum_l Up(1-cos(S2_l,T_l)) + Up(1-cos(S1_l,T_l))), max."""
+        check_finite_images(images, "PDD")  # a NaN score would be labelled normal
         outputs = self.features(images)
         if self.training:
             return outputs

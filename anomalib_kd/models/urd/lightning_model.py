@@ -136,6 +136,7 @@ class URD(OpenVINOQuantizationMixin, DistillationModuleMixin, AnomalibModule):
             injection=injection,
             similarity_attention=similarity_attention,
         )
+        self.check_pre_processor_size()  # a Resize to a non-multiple of 32 fails here, named
         # Official: DTD textures unaugmented (the Perlin-noise fallback keeps anomalib's augmentation).
         self.synthesizer = AnomalySynthesizer(
             texture_dir=texture_dir,

@@ -19,7 +19,12 @@ from torch.nn import functional as F  # noqa: N812
 
 from anomalib_kd.components.anomaly_map import AnomalyMapGenerator
 from anomalib_kd.components.backbones import create_feature_extractor, load_pretrained_backbone
+from anomalib_kd.components.inputs import check_finite_images, check_input_multiple
 from anomalib_kd.components.normalization import ImageNetNormalize
+
+# ResNet layer3 downsamples by 16 and the OCBE bottleneck by 2 more; the decoder upsamples back by 2 per
+# stage and GII adds its output to the teacher feature of that level, so the sides must divide by 32.
+INPUT_MULTIPLE = 32
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
@@ -161,12 +166,24 @@ class URDModel(nn.Module):
         """Frozen expert E(x) (always eval mode, no grad)."""
         return list(self.expert(self.normalize(images)).values())
 
+    @staticmethod
+    def check_input_size(images: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless both sides are multiples of 32 (the teacher + bottleneck stride)."""
+        check_input_multiple(
+            images, "URD", INPUT_MULTIPLE, "the ResNet teacher and the OCBE bottleneck downsample by 32"
+        )
+
     def teacher_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Teacher T(x) (gradient and BN mode follow the caller)."""
+        self.check_input_size(images)
         return list(self.teacher(self.normalize(images)).values())
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
-        """Eval: anomaly map (B, 1, H, W) and image score max(A) (spec part 2.7)."""
+        """Eval: anomaly map (B, 1, H, W) and image score max(A) (spec part 2.7).
+
+        Raises ``ValueError`` for sides that are not multiples of 32 and for NaN/inf input (not exported).
+        """
+        check_finite_images(images, "URD")
         teacher = self.teacher_features(images)
         student = self.student(teacher)
         anomaly_map = self.anomaly_map_generator(student, teacher, images.shape[-2:])
