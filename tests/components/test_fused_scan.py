@@ -32,6 +32,7 @@ from anomalib_kd.components.ssm.fused import (
 from .test_selective_scan import make_inputs, reference_scan, rel_err
 
 build = importlib.import_module("anomalib_kd.components.ssm.fused.build")
+ops = importlib.import_module("anomalib_kd.components.ssm.fused.ops")
 ov = pytest.importorskip("openvino")
 onnx = pytest.importorskip("onnx")
 
@@ -67,7 +68,7 @@ def with_library(library: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return library
 
 
-def scan_onnx(shapes: list[tuple[int, ...]], softplus: bool) -> bytes:
+def scan_onnx(shapes: list[tuple[int, ...]], softplus: bool, cross_width: int = 0) -> bytes:
     """A one-node ONNX model: the custom-domain ``anomalib_kd::SelectiveScan`` the fused export writes."""
     from onnx import TensorProto, helper
 
@@ -76,8 +77,9 @@ def scan_onnx(shapes: list[tuple[int, ...]], softplus: bool) -> bytes:
         for n, s in zip(INPUT_NAMES, shapes, strict=True)
     ]
     node = helper.make_node(
-        "SelectiveScan", INPUT_NAMES, ["y"], domain="anomalib_kd", delta_softplus=int(softplus)
-    )
+        "SelectiveScan", INPUT_NAMES, ["y"], domain="anomalib_kd", delta_softplus=int(softplus),
+        **({"cross_width": cross_width} if cross_width else {}),
+    )  # fmt: skip
     output = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shapes[0]))
     graph = helper.make_graph([node], "scan", inputs, [output])
     opsets = [helper.make_opsetid("", 18), helper.make_opsetid("anomalib_kd", 1)]
@@ -95,12 +97,13 @@ def run_openvino_op(
     D: torch.Tensor | None = None,  # noqa: N803
     delta_bias: torch.Tensor | None = None,
     softplus: bool = False,
+    cross_width: int = 0,
 ) -> torch.Tensor:
     """The OpenVINO op (through the ONNX frontend conversion) on one input set; absent D/bias as zeros."""
     zeros = torch.zeros(u.shape[1])
     args = [u, delta, A, B, C, zeros if D is None else D, zeros if delta_bias is None else delta_bias]
     path = tmp_path / "scan.onnx"
-    path.write_bytes(scan_onnx([tuple(a.shape) for a in args], softplus))
+    path.write_bytes(scan_onnx([tuple(a.shape) for a in args], softplus, cross_width))
     model = ov.convert_model(str(path), extension=str(library))
     assert [op.get_type_name() for op in model.get_ordered_ops()].count("SelectiveScan") == 1
     core = ov.Core()
@@ -144,6 +147,66 @@ def test_openvino_op_optional_terms(with_library, tmp_path, use_d, use_bias, sof
     assert rel_err(fused_selective_scan(u, delta, A, B, C, D, delta_bias, softplus), ref) <= 1e-5
 
 
+def _to_scan_order(t: torch.Tensor, direction: int, height: int, width: int) -> torch.Tensor:
+    """Last axis (a row-major h x w image) into direction ``direction``'s scan order, by image ops."""
+    if direction % 2:
+        t = t.reshape(*t.shape[:-1], height, width).transpose(-1, -2).reshape(t.shape)
+    return t.flip(-1) if direction >= 2 else t
+
+
+def _from_scan_order(t: torch.Tensor, direction: int, height: int, width: int) -> torch.Tensor:
+    t = t.flip(-1) if direction >= 2 else t
+    if direction % 2:
+        t = t.reshape(*t.shape[:-1], width, height).transpose(-1, -2).reshape(t.shape)
+    return t
+
+
+def cross_reference(u, delta, A, B, C, D, delta_bias, height, width):  # noqa: N803
+    """SS2D's four directions, each unfolded with flips/transposes and scanned by the f64 reference."""
+    groups = B.shape[1]
+    per_dir_groups, per_group = groups // 4, u.shape[1] // groups
+    chans = per_dir_groups * per_group
+    out = []
+    for k in range(4):
+        c, g = slice(k * chans, (k + 1) * chans), slice(k * per_dir_groups, (k + 1) * per_dir_groups)
+        seq = [_to_scan_order(t, k, height, width) for t in (u[:, c], delta[:, c], B[:, g], C[:, g])]
+        y = reference_scan(seq[0], seq[1], A[c], seq[2], seq[3], D[c], delta_bias[c], delta_softplus=True)
+        out.append(_from_scan_order(y, k, height, width))
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize(
+    ("batch", "d", "n", "height", "width", "groups"),
+    [
+        (1, 4, 3, 1, 1, 4),  # a single pixel
+        (1, 8, 4, 3, 5, 4),  # non-square map
+        (2, 24, 16, 7, 7, 4),  # 6 channels a direction: partial SIMD block
+        (1, 64, 16, 16, 12, 8),  # two groups per direction
+        (1, 32, 16, 33, 65, 4),  # L = 2145: many tiles, odd sides
+    ],
+)
+def test_cross_scan_mode_matches_reference(with_library, tmp_path, batch, d, n, height, width, groups):
+    """cross_width: the op scans the 4 SS2D directions itself; OpenVINO op, eager kernel and the
+    no-kernel fallback all equal the flip/transpose + f64 reference."""
+    args = make_inputs(batch, d, n, height * width, groups, seed=7)
+    ref = cross_reference(*args, height, width)
+    y = run_openvino_op(with_library, tmp_path, *args, softplus=True, cross_width=width)
+    assert rel_err(y, ref) <= 1e-5
+    assert rel_err(fused_selective_scan(*args, delta_softplus=True, cross_width=width), ref) <= 1e-5
+    fallback = ops._cross_scan_torch(*args, delta_softplus=True, cross_width=width)
+    assert rel_err(fallback, ref) <= 1e-5
+
+
+def test_cross_scan_mode_bad_arguments(with_library, tmp_path):
+    u, delta, A, B, C, D, bias = make_inputs(1, 8, 4, 12, 4)  # noqa: N806
+    with pytest.raises(ValueError, match="divisor"):
+        fused_selective_scan(u, delta, A, B, C, D, bias, True, cross_width=5)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        fused_selective_scan(u, delta, A, B[:, :2], C[:, :2], D, bias, True, cross_width=4)
+    with pytest.raises(RuntimeError, match="cross_width"):  # the OpenVINO op checks too
+        run_openvino_op(with_library, tmp_path, u, delta, A, B, C, D, bias, softplus=True, cross_width=5)
+
+
 def test_openvino_op_long_sequence(with_library, tmp_path):
     """L = 4096 with strong decays and softplus over a wide input range (negative and large deltas)."""
     u, delta, A, B, C, D, delta_bias = make_inputs(1, 8, 16, 4096, 2, seed=3)  # noqa: N806
@@ -179,7 +242,7 @@ def test_ss2d_fused_eager_and_ir_match_portable(with_library, tmp_path):
     """One SS2D module: fused eager == portable eager, and its fused OpenVINO IR within 1e-3."""
     torch.manual_seed(0)
     module = SS2D(d_model=24, d_state=16).eval()
-    x = torch.randn(1, 12, 12, 24)
+    x = torch.randn(1, 12, 10, 24)  # non-square: the cross-scan mode's column order matters
     with torch.no_grad():
         expected = module(x)
         with use_fused_scan():
@@ -192,6 +255,8 @@ def test_ss2d_fused_eager_and_ir_match_portable(with_library, tmp_path):
                           custom_translation_table=onnx_translation_table())  # fmt: skip
     nodes = onnx.load(str(onnx_path)).graph.node
     assert [n.op_type for n in nodes if n.domain == "anomalib_kd"] == ["SelectiveScan"]
+    scan_node = next(n for n in nodes if n.domain == "anomalib_kd")
+    assert {a.name: a.i for a in scan_node.attribute}["cross_width"] == 10  # the 4 directions in the op
     xml = tmp_path / "ss2d.xml"
     ov.save_model(ov.convert_model(str(onnx_path), extension=str(with_library)), xml, compress_to_fp16=False)
     compiled = ov.Core().compile_model(read_model(xml), "CPU", F32)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .selective_scan import (
     _is_tracing,
+    _use_fused_op,
     fused_scan_enabled,
     scan_chunk_steps,
     selective_scan,
@@ -149,6 +150,37 @@ class SS2D(nn.Module):
         y = cross_merge(ys.reshape(batch, k, di, seq_len), height, width)
         return y.transpose(1, 2).reshape(batch, height, width, di).to(x.dtype)
 
+    def forward_core_cross(self, x: Tensor) -> Tensor:
+        """:meth:`forward_core` through the fused operator's cross-scan mode (inside ``use_fused_scan``).
+
+        The four directions are one operator call over the row-major map (``cross_width = W``): no
+        :func:`cross_scan` flips/transposes, no :func:`cross_merge`; each direction's projections are
+        pointwise in the position, so they run on the row-major map too. Same result as
+        :meth:`forward_core`.
+        """
+        from .fused.ops import fused_selective_scan
+
+        batch, di, height, width = x.shape
+        seq_len = height * width
+        k, r, n = self.k_group, self.dt_rank, self.d_state
+        flat = x.reshape(batch, di, seq_len)
+        x_dbl = torch.einsum("bdl,kcd->bkcl", flat, self.x_proj_weight)
+        dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
+        ys = fused_selective_scan(
+            flat.repeat(1, k, 1).float(),
+            dts.reshape(batch, k * di, seq_len).float(),
+            -torch.exp(self.A_logs.float()),
+            bs.float(),
+            cs.float(),
+            self.Ds.float(),
+            self.dt_projs_bias.reshape(-1).float(),
+            delta_softplus=True,
+            cross_width=width,
+        )
+        y = ys.reshape(batch, k, di, seq_len).sum(dim=1)
+        return y.transpose(1, 2).reshape(batch, height, width, di).to(x.dtype)
+
     def uses_row_chunks(self, x: Tensor) -> bool:
         """Whether :meth:`forward_core_rows` runs: square maps, inference or export, pure-PyTorch scan.
 
@@ -198,7 +230,11 @@ class SS2D(nn.Module):
         x, z = self.in_proj(x).chunk(2, dim=-1)
         z = self.act(z)
         x = self.act(self.conv2d(x.permute(0, 3, 1, 2)))
-        rows = self.uses_row_chunks(x)
-        y = self.forward_core_rows(x.permute(0, 2, 3, 1)) if rows else self.forward_core(x)
+        if _use_fused_op(x, self.x_proj_weight):
+            y = self.forward_core_cross(x)
+        elif self.uses_row_chunks(x):
+            y = self.forward_core_rows(x.permute(0, 2, 3, 1))
+        else:
+            y = self.forward_core(x)
         y = self.out_norm(y) * z
         return self.dropout(self.out_proj(y))

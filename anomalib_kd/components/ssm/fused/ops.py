@@ -8,6 +8,12 @@
 
 The operator always takes all seven tensors (``D`` and ``delta_bias`` zero when absent) in f32, with
 ``B``/``C`` as ``(batch, G, N, L)`` or ``(batch, N, L)``; :func:`fused_selective_scan` fills them in.
+
+``cross_width = w > 0`` is VMamba's cross-scan (SS2D): the ``L`` positions are a row-major ``(L / w) x w``
+image, the ``G`` groups (a multiple of 4) are the 4 scan directions in :func:`~..ss2d.cross_scan`'s order,
+and step ``s`` of direction ``k`` reads and writes position :func:`cross_scan_positions` ``[k, s]``. Every
+direction's ``y`` comes back in row-major order, so the graph needs none of cross-scan's flips and
+transposes (they were a third of VMamba's exported time, measured).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from torch import Tensor
 
 from .build import extension_path
 
-__all__ = ["fused_selective_scan", "kernel_library", "onnx_translation_table"]
+__all__ = ["cross_scan_positions", "fused_selective_scan", "kernel_library", "onnx_translation_table"]
 
 ONNX_DOMAIN = "anomalib_kd"
 ONNX_OP = "SelectiveScan"
@@ -38,7 +44,7 @@ def kernel_library() -> ctypes.CDLL | None:
         if _lib.get("path") != path:
             lib = ctypes.CDLL(str(path))
             ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-            lib.akd_selective_scan_f32.argtypes = [ptr] * 8 + [i64] * 5 + [ctypes.c_int]
+            lib.akd_selective_scan_f32.argtypes = [ptr] * 8 + [i64] * 5 + [ctypes.c_int, i64]
             lib.akd_selective_scan_f32.restype = ctypes.c_int
             lib.akd_arith_floor.argtypes = [i64]
             lib.akd_arith_floor.restype = ctypes.c_float
@@ -47,18 +53,63 @@ def kernel_library() -> ctypes.CDLL | None:
         return _lib["lib"]  # type: ignore[return-value]
 
 
+def cross_scan_positions(seq_len: int, width: int) -> Tensor:
+    """``(4, L)`` int64: position (row-major, ``L = h x width``) of step ``s`` of each SS2D scan direction.
+
+    Directions as :func:`~anomalib_kd.components.ssm.ss2d.cross_scan`: row-major, column-major, and both
+    reversed. Raises ``ValueError`` when ``width`` does not divide ``seq_len``.
+    """
+    if width <= 0 or seq_len % width:
+        msg = f"cross_width must be a positive divisor of the sequence length {seq_len}, got {width}"
+        raise ValueError(msg)
+    height = seq_len // width
+    rows = torch.arange(seq_len)
+    cols = torch.arange(seq_len).reshape(height, width).t().reshape(-1)
+    return torch.stack([rows, cols, rows.flip(0), cols.flip(0)])
+
+
+def _cross_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,  # noqa: N803
+                      delta_bias: Tensor, delta_softplus: bool, cross_width: int) -> Tensor:  # fmt: skip
+    """Cross-scan mode without the kernel: gather each direction's order, pure-PyTorch scan, scatter back."""
+    from ..selective_scan import selective_scan_torch
+
+    batch, d, seq_len = u.shape
+    groups = B.shape[1] if B.dim() == 4 else 1
+    if groups % 4:
+        msg = f"cross_width needs B/C grouped by scan direction (groups a multiple of 4), got {groups} groups"
+        raise ValueError(msg)
+    order = cross_scan_positions(seq_len, cross_width).to(u.device)  # (4, L)
+    per_group = order.repeat_interleave(groups // 4, dim=0)  # (G, L)
+    per_channel = per_group.repeat_interleave(d // groups, dim=0).expand(batch, d, seq_len)
+    per_state = per_group[None, :, None].expand(B.shape)
+    y = selective_scan_torch(
+        u.gather(2, per_channel), delta.gather(2, per_channel), A, B.gather(3, per_state),
+        C.gather(3, per_state), D, delta_bias, delta_softplus, recompute=False,
+    )  # fmt: skip
+    return torch.empty_like(y).scatter_(2, per_channel, y)
+
+
 def _run_kernel(lib: ctypes.CDLL, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,  # noqa: N803
-                D: Tensor, delta_bias: Tensor, delta_softplus: bool) -> Tensor:  # noqa: N803  # fmt: skip
+                D: Tensor, delta_bias: Tensor, delta_softplus: bool, cross_width: int = 0) -> Tensor:  # noqa: N803  # fmt: skip
     u, delta, A, B, C, D, delta_bias = (  # noqa: N806
         t.detach().to(torch.float32).contiguous() for t in (u, delta, A, B, C, D, delta_bias)
     )
     batch, d, seq_len = u.shape
     groups = B.shape[1] if B.dim() == 4 else 1
+    if cross_width:
+        cross_scan_positions(seq_len, cross_width)  # the same ValueError as the fallback path
+        if groups % 4:
+            msg = f"cross_width needs B/C grouped by scan direction (groups a multiple of 4), got {groups}"
+            raise ValueError(msg)
     y = torch.empty_like(u)
-    lib.akd_selective_scan_f32(
+    width = lib.akd_selective_scan_f32(
         u.data_ptr(), delta.data_ptr(), A.data_ptr(), B.data_ptr(), C.data_ptr(), D.data_ptr(),
         delta_bias.data_ptr(), y.data_ptr(), batch, d, seq_len, A.shape[1], groups, int(delta_softplus),
+        cross_width,
     )  # fmt: skip
+    if width < 0:
+        msg = f"the fused scan refused cross_width={cross_width} for L={seq_len}, {groups} groups"
+        raise ValueError(msg)
     return y
 
 
@@ -72,18 +123,24 @@ def selective_scan_op(
     D: Tensor,  # noqa: N803
     delta_bias: Tensor,
     delta_softplus: bool,
+    cross_width: int = 0,
 ) -> Tensor:
-    """Eq. (1)-(2) of :mod:`~anomalib_kd.components.ssm.selective_scan`, f32, all inputs present."""
+    """Eq. (1)-(2) of :mod:`~anomalib_kd.components.ssm.selective_scan`, f32, all inputs present.
+
+    ``cross_width > 0``: VMamba's four scan directions over a row-major image of that width (module doc).
+    """
     lib = kernel_library()
     if lib is None:
+        if cross_width:
+            return _cross_scan_torch(u, delta, A, B, C, D, delta_bias, delta_softplus, cross_width)
         from ..selective_scan import selective_scan_torch
 
         return selective_scan_torch(u, delta, A, B, C, D, delta_bias, delta_softplus, recompute=False)
-    return _run_kernel(lib, u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return _run_kernel(lib, u, delta, A, B, C, D, delta_bias, delta_softplus, cross_width)
 
 
 @selective_scan_op.register_fake
-def _selective_scan_fake(u, delta, A, B, C, D, delta_bias, delta_softplus):  # noqa: N803
+def _selective_scan_fake(u, delta, A, B, C, D, delta_bias, delta_softplus, cross_width=0):  # noqa: N803
     return torch.empty_like(u, dtype=torch.float32)
 
 
@@ -96,11 +153,13 @@ def fused_selective_scan(
     D: Tensor | None = None,  # noqa: N803
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
+    cross_width: int = 0,
 ) -> Tensor:
     """:func:`~anomalib_kd.components.ssm.selective_scan` through the fused operator (no autograd).
 
     Missing ``D`` / ``delta_bias`` become zeros (their exact no-op), inputs are cast to f32 and the result
-    back to ``u``'s dtype.
+    back to ``u``'s dtype. ``cross_width > 0``: SS2D's four directions over a row-major image of that width
+    (module doc), ``B``/``C`` grouped by direction.
     """
     d = u.shape[1]
     zeros = u.new_zeros(d, dtype=torch.float32)
@@ -110,6 +169,7 @@ def fused_selective_scan(
         zeros if D is None else D.to(torch.float32),
         zeros if delta_bias is None else delta_bias.to(torch.float32),
         bool(delta_softplus),
+        int(cross_width),
     )
     return y.to(u.dtype)
 
@@ -134,7 +194,10 @@ def _register_onnx_schema() -> None:
         inputs=[param(name, "T") for name in ("u", "delta", "A", "B", "C", "D", "delta_bias")],
         outputs=[param("y", "T")],
         type_constraints=[("T", ["tensor(float)"], "f32 only")],
-        attributes=[OpSchema.Attribute("delta_softplus", OpSchema.AttrType.INT, "softplus(delta + bias)")],
+        attributes=[
+            OpSchema.Attribute("delta_softplus", OpSchema.AttrType.INT, "softplus(delta + bias)"),
+            OpSchema.Attribute("cross_width", OpSchema.AttrType.INT, "SS2D cross-scan image width (0: off)"),
+        ],
     )
     onnx.defs.register_schema(schema)
 
@@ -146,7 +209,10 @@ def onnx_translation_table() -> dict:
     _register_onnx_schema()  # the exporter's op builder looks ops up by schema
     scan = getattr(values.Opset(ONNX_DOMAIN, 1), ONNX_OP)
 
-    def selective_scan_onnx(u, delta, A, B, C, D, delta_bias, delta_softplus: bool = False):  # noqa: N803
-        return scan(u, delta, A, B, C, D, delta_bias, delta_softplus=int(delta_softplus))
+    def selective_scan_onnx(u, delta, A, B, C, D, delta_bias, delta_softplus: bool = False,  # noqa: N803
+                            cross_width: int = 0):  # fmt: skip
+        return scan(
+            u, delta, A, B, C, D, delta_bias, delta_softplus=int(delta_softplus), cross_width=int(cross_width)
+        )
 
     return {torch.ops.anomalib_kd.selective_scan.default: selective_scan_onnx}

@@ -7,6 +7,13 @@
 // Layouts as in mamba-ssm's selective_scan_fn: u, delta, y (batch, d, L); A (d, N); B, C (batch, G, N, L)
 // shared by d / G consecutive channels, or (batch, N, L); D, delta_bias (d,).
 //
+// Cross-scan mode (cross_width = w > 0, VMamba's SS2D): the L = h x w positions of u, delta, B, C and y are
+// a row-major image, and the groups are VMamba's 4 scan directions (G a multiple of 4, group g has
+// direction g / (G / 4)): 0 row-major, 1 column-major, 2 and 3 the same reversed. Step s of direction k
+// reads and writes position p_k(s) (p_0(s) = s, p_1(s) = (s % h) w + s / h, p_2(s) = p_0(L-1-s),
+// p_3(s) = p_1(L-1-s)), so the graph needs none of the flips and transposes of cross-scan / cross-merge:
+// y of every direction comes back in row-major order, ready to be summed.
+//
 // Vectorised over channels: one work item is W consecutive channels of one group (one SIMD register of
 // f32 lanes, GCC vector extensions, so the same code is AVX-512, AVX2 or SSE by -march); the state
 // (N x W) stays in registers, B_t and C_t are broadcast scalars, so each state update is one vector exp
@@ -120,7 +127,14 @@ struct ScanArgs {
   const float* ct;  // C likewise
   int64_t batch, d, L, N, G;
   bool softplus;
+  int64_t cross_width;  // 0: plain scan; w > 0: SS2D cross-scan over an (L / w) x w image (see top)
 };
+
+// Position of step s of scan direction `direction` (0-3) over an h x w row-major image, L = h w.
+static inline int64_t cross_position(int64_t s, int direction, int64_t L, int64_t h, int64_t w) {
+  if (direction >= 2) s = L - 1 - s;
+  return (direction & 1) ? (s % h) * w + s / h : s;
+}
 
 // One work item: batch b, channels [c0, c0 + nv) of group g (nv <= W; missing lanes are zero: with
 // delta = u = A = 0 their state stays 0 and they are never written back).
@@ -155,18 +169,22 @@ static void scan_block(const ScanArgs& a, int64_t b, int64_t c0, int nv, int64_t
   const float* bt = a.bt + (b * a.G + g) * L * N;  // step-major: B_t is N contiguous floats
   const float* ct = a.ct + (b * a.G + g) * L * N;
   const int64_t base = (b * a.d + c0) * L;
+  const int direction = a.cross_width > 0 ? static_cast<int>(g / (a.G / 4)) : 0;
+  const int64_t rows = a.cross_width > 0 ? L / a.cross_width : 1;  // image height
+  int64_t pos[TILE];  // position of each step of the tile
   for (int64_t t0 = 0; t0 < L; t0 += TILE) {
     const int tt = static_cast<int>(std::min<int64_t>(TILE, L - t0));
     for (int t = 0; t < tt; ++t) {
       ub[t] = vf{};
       db[t] = vf{};
+      pos[t] = a.cross_width > 0 ? cross_position(t0 + t, direction, L, rows, a.cross_width) : t0 + t;
     }
     for (int k = 0; k < nv; ++k) {
-      const float* up = a.u + base + k * L + t0;
-      const float* dp = a.delta + base + k * L + t0;
+      const float* up = a.u + base + k * L;
+      const float* dp = a.delta + base + k * L;
       for (int t = 0; t < tt; ++t) {
-        ub[t][k] = up[t];
-        db[t][k] = dp[t];
+        ub[t][k] = up[pos[t]];
+        db[t][k] = dp[pos[t]];
       }
     }
     for (int t = 0; t < tt; ++t) {
@@ -175,8 +193,8 @@ static void scan_block(const ScanArgs& a, int64_t b, int64_t c0, int nv, int64_t
       for (int k = nv; k < W; ++k) dt[k] = 0.0f;  // padded lanes: no decay, no input
       const vf x = dt * ub[t];
       vf acc = dskip * ub[t];
-      const float* bn = bt + (t0 + t) * N;
-      const float* cn = ct + (t0 + t) * N;
+      const float* bn = bt + pos[t] * N;
+      const float* cn = ct + pos[t] * N;
       for (int64_t n = 0; n < N; ++n) {
         h[n] = vexp(dt * av[n]) * h[n] + x * bn[n];
         acc += h[n] * cn[n];
@@ -184,8 +202,8 @@ static void scan_block(const ScanArgs& a, int64_t b, int64_t c0, int nv, int64_t
       yb[t] = acc;
     }
     for (int k = 0; k < nv; ++k) {
-      float* yp = a.y + base + k * L + t0;
-      for (int t = 0; t < tt; ++t) yp[t] = yb[t][k];
+      float* yp = a.y + base + k * L;
+      for (int t = 0; t < tt; ++t) yp[pos[t]] = yb[t][k];
     }
   }
 }
@@ -260,7 +278,8 @@ class SelectiveScan : public ov::op::Op {
   OPENVINO_OP("SelectiveScan", "anomalib_kd");
 
   SelectiveScan() = default;
-  SelectiveScan(const ov::OutputVector& args, bool delta_softplus) : Op(args), m_softplus(delta_softplus) {
+  SelectiveScan(const ov::OutputVector& args, bool delta_softplus, int64_t cross_width = 0)
+      : Op(args), m_softplus(delta_softplus), m_cross_width(cross_width) {
     constructor_validate_and_infer_types();
   }
 
@@ -284,11 +303,12 @@ class SelectiveScan : public ov::op::Op {
   }
 
   std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& new_args) const override {
-    return std::make_shared<SelectiveScan>(new_args, m_softplus);
+    return std::make_shared<SelectiveScan>(new_args, m_softplus, m_cross_width);
   }
 
   bool visit_attributes(ov::AttributeVisitor& visitor) override {
     visitor.on_attribute("delta_softplus", m_softplus);
+    visitor.on_attribute("cross_width", m_cross_width);
     return true;
   }
 
@@ -306,19 +326,23 @@ class SelectiveScan : public ov::op::Op {
     OPENVINO_ASSERT(bs[0] == us[0] && bs[bs.size() - 1] == us[2] && static_cast<int64_t>(bs[bs.size() - 2]) == N,
                     "SelectiveScan: B must be (batch, G, N, L) or (batch, N, L)");
     OPENVINO_ASSERT(G > 0 && us[1] % G == 0, "SelectiveScan: d must be a multiple of G");
+    OPENVINO_ASSERT(m_cross_width == 0 || (G % 4 == 0 && m_cross_width > 0 && us[2] % m_cross_width == 0),
+                    "SelectiveScan: cross_width needs G a multiple of 4 (the scan directions) and L a multiple "
+                    "of cross_width, got G ", G, ", L ", us[2], ", cross_width ", m_cross_width);
     OPENVINO_ASSERT(ov::shape_size(inputs[5].get_shape()) == us[1] && ov::shape_size(inputs[6].get_shape()) == us[1],
                     "SelectiveScan: D and delta_bias must have d elements");
     outputs[0].set_shape(us);
     ScanArgs a{inputs[0].data<const float>(), inputs[1].data<const float>(), inputs[2].data<const float>(),
                inputs[3].data<const float>(), inputs[4].data<const float>(), inputs[5].data<const float>(),
                inputs[6].data<const float>(), outputs[0].data<float>(), nullptr, nullptr, static_cast<int64_t>(us[0]),
-               static_cast<int64_t>(us[1]), static_cast<int64_t>(us[2]), N, G, m_softplus};
+               static_cast<int64_t>(us[1]), static_cast<int64_t>(us[2]), N, G, m_softplus, m_cross_width};
     if (ov::shape_size(us) > 0) run_scan(a);
     return true;
   }
 
  private:
   bool m_softplus = false;
+  int64_t m_cross_width = 0;
 };
 
 }  // namespace akd
@@ -332,19 +356,24 @@ OPENVINO_CREATE_EXTENSIONS(std::vector<ov::Extension::Ptr>(
            ov::OutputVector inputs;
            for (size_t i = 0; i < ctx.get_input_size(); ++i) inputs.push_back(ctx.get_input(static_cast<int>(i)));
            const bool softplus = ctx.get_attribute<int64_t>("delta_softplus", 0) != 0;
-           return {std::make_shared<akd::SelectiveScan>(inputs, softplus)->output(0)};
+           const int64_t cross_width = ctx.get_attribute<int64_t>("cross_width", 0);
+           return {std::make_shared<akd::SelectiveScan>(inputs, softplus, cross_width)->output(0)};
          })}));
 
 extern "C" {
 
-// The kernel on contiguous f32 buffers (D, delta_bias may be null). Returns the SIMD width used.
+// The kernel on contiguous f32 buffers (D, delta_bias may be null). Returns the SIMD width used, or -1
+// (nothing computed) for a cross_width the shapes do not allow.
 __attribute__((visibility("default"))) int akd_selective_scan_f32(const float* u, const float* delta,
                                                                   const float* A, const float* B,
                                                                   const float* C, const float* D,
                                                                   const float* delta_bias, float* y,
                                                                   int64_t batch, int64_t d, int64_t L,
-                                                                  int64_t N, int64_t G, int softplus) {
-  akd::ScanArgs a{u, delta, A, B, C, D, delta_bias, y, nullptr, nullptr, batch, d, L, N, G, softplus != 0};
+                                                                  int64_t N, int64_t G, int softplus,
+                                                                  int64_t cross_width) {
+  if (cross_width < 0 || (cross_width > 0 && (G % 4 != 0 || L % cross_width != 0))) return -1;
+  akd::ScanArgs a{u, delta, A, B, C, D, delta_bias, y, nullptr, nullptr, batch, d, L, N, G, softplus != 0,
+                  cross_width};
   if (batch * d * L > 0) akd::run_scan(a);
   return akd::W;
 }
