@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import speed  # noqa: E402  # the sibling benchmark's model factories
+import speed  # the sibling benchmark's model factories
 
 LAYOUT = {"Transpose", "Reorder", "Reshape", "Slice", "StridedSlice", "Concat", "Split", "VariadicSplit",
           "Gather", "Broadcast", "Squeeze", "Unsqueeze", "ShapeOf", "Tile", "Roll"}  # fmt: skip
@@ -138,35 +138,46 @@ def label_runtime(compiled: Any, model: Any) -> dict[str, tuple[str, str]]:
     return result
 
 
-def conv_gflops(module: torch.nn.Module, size: int) -> float:
-    """Convolution + matrix-product GFLOPs of one eager forward at batch 1 (as ``speed.py``)."""
+def conv_gflops(module: torch.nn.Module, size: int) -> dict[str, Any]:
+    """Convolution + matrix-product GFLOPs of one eager forward at batch 1 (as ``speed.py``), in total
+    and per model part (the parts of :func:`_weight_part`)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(torch.rand(1, 3, size, size))
-    return counter.get_total_flops() / 1e9
+    parts = {}
+    for key, counts in counter.get_flop_counts().items():
+        path = key.split(".", 1)[1] if "." in key else ""  # drop the root module's class name
+        part = _weight_part(path + ".weight")
+        if part is not None and path == f"model.{part}":
+            parts[part] = sum(counts.values()) / 1e9
+    return {"gflops": counter.get_total_flops() / 1e9, "parts": parts}
 
 
-def export_ir(name: str, ir_dir: Path) -> tuple[Path, float]:
-    """The model's IR (exported once into ``ir_dir/<name>``) and its conv+matmul GFLOPs."""
+def export_ir(name: str, ir_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The model's IR (exported once into ``ir_dir/<name>``) and its conv+matmul GFLOPs (total, per part).
+
+    ``name`` may carry a tag after ``@`` (``pdd_fused@before``): another IR folder of the same model.
+    """
     from anomalib_kd.components.ssm.fused import export_openvino, use_fused_scan
 
-    factory, size = speed.MODELS[name]
+    base = name.split("@")[0]
+    factory, size = speed.MODELS[base]
     root = ir_dir / name
     xml = root / "weights" / "openvino" / "model.xml"
     meta = root / "gflops.json"
-    if xml.is_file() and meta.is_file():
-        return xml, json.loads(meta.read_text())["gflops"]
+    if xml.is_file() and meta.is_file() and "parts" in json.loads(meta.read_text()):
+        return xml, json.loads(meta.read_text())
     torch.manual_seed(0)
     model = factory().eval()
-    fused = name.endswith(speed.FUSED_SUFFIX)
+    fused = base.endswith(speed.FUSED_SUFFIX)
     with use_fused_scan(fused):
         gflops = conv_gflops(model, size)
     if not xml.is_file():
         start = time.perf_counter()
         xml = export_openvino(model, root, (size, size), fused=fused)
         print(f"exported {name} in {time.perf_counter() - start:.0f} s", flush=True)
-    meta.write_text(json.dumps({"gflops": gflops}))
+    meta.write_text(json.dumps(gflops))
     return xml, gflops
 
 
@@ -183,12 +194,20 @@ def profile(names: list[str], ir_dir: Path, repeats: int, threads: int) -> dict[
         model = read_model(xml, core)
         config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERF_COUNT": True}
         compiled = core.compile_model(model, "CPU", config)
-        size = speed.MODELS[name][1]
+        size = speed.MODELS[name.split("@")[0]][1]
         request = compiled.create_infer_request()
         image = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
         request.infer([image])  # warm-up
-        runs[name] = {"request": request, "image": image, "labels": label_runtime(compiled, model),
-                      "gflops": gflops, "wall": [], "nodes": collections.defaultdict(list), "kinds": {}}  # fmt: skip
+        runs[name] = {
+            "request": request,
+            "image": image,
+            "labels": label_runtime(compiled, model),
+            "gflops": gflops["gflops"],
+            "part_gflops": gflops["parts"],
+            "wall": [],
+            "nodes": collections.defaultdict(list),
+            "kinds": {},
+        }
     for _ in range(repeats):
         for run in runs.values():
             start = time.perf_counter()
@@ -206,26 +225,36 @@ def profile(names: list[str], ir_dir: Path, repeats: int, threads: int) -> dict[
             table[(part, cls)] += statistics.median(times)
             kinds[(cls, *run["kinds"][node])] += statistics.median(times)
         results[name] = {"wall_ms": statistics.median(run["wall"]), "gflops": run["gflops"], "table": table,
-                         "kinds": kinds}  # fmt: skip
+                         "kinds": kinds, "part_gflops": run["part_gflops"]}  # fmt: skip
     return results
 
 
 def report(results: dict[str, dict[str, Any]]) -> str:
     """Markdown: one part x class table per model, then a summary row per model."""
     out = []
-    summary = ["| model | wall ms | profiled ms | conv+linear ms | GFLOPs | GFLOP/s on conv+linear | scan ms "
-               "| layout ms | norm ms | eltwise ms |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    summary = [
+        "| model | wall ms | profiled ms | conv+linear ms | GFLOPs | GFLOP/s on conv+linear | scan ms "
+        "| layout ms | norm ms | eltwise ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, res in results.items():
         table = res["table"]
         total = sum(table.values())
         parts = sorted({p for p, _ in table}, key=lambda p: -sum(v for (q, _), v in table.items() if q == p))
         out.append(f"\n### {name}: wall {res['wall_ms']:.1f} ms, profiled sum {total:.1f} ms\n")
-        out.append("| part | " + " | ".join(CLASSES) + " | total ms | % |")
-        out.append("|---|" + "---|" * (len(CLASSES) + 2))
+        out.append("| part | " + " | ".join(CLASSES) + " | total ms | % | GFLOPs | GFLOP/s (conv+linear) |")
+        out.append("|---|" + "---|" * (len(CLASSES) + 4))
         for part in parts:
             row = [table.get((part, c), 0.0) for c in CLASSES]
+            if not sum(row):
+                continue
             cells = " | ".join(f"{v:.1f}" if v else "" for v in row)
-            out.append(f"| {part} | {cells} | {sum(row):.1f} | {100 * sum(row) / total:.1f} |")
+            flops = res["part_gflops"].get(part)
+            dense_ms = row[0] + row[1] + row[2]
+            rate = f"{flops / dense_ms * 1000:.1f}" if flops and dense_ms else ""
+            flops_cell = f"{flops:.2f}" if flops else ""
+            share = 100 * sum(row) / total
+            out.append(f"| {part} | {cells} | {sum(row):.1f} | {share:.1f} | {flops_cell} | {rate} |")
         by_class = {c: sum(v for (_, k), v in table.items() if k == c) for c in CLASSES}
         cells = " | ".join(f"{by_class[c]:.1f}" for c in CLASSES)
         out.append(f"| **all** | {cells} | {total:.1f} | 100 |")
@@ -241,21 +270,28 @@ def report(results: dict[str, dict[str, Any]]) -> str:
             f"{res['gflops'] / dense * 1000:.1f} | {by_class['scan']:.1f} | {by_class['layout']:.1f} | "
             f"{by_class['norm']:.1f} | {by_class['eltwise']:.1f} |"
         )
-    return "\n".join(out + ["", *summary])
+    return "\n".join([*out, "", *summary])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", nargs="+", default=["rd", "pdd_fused", "efficientad", "dhkd_fused"],
-                        choices=sorted(speed.MODELS))  # fmt: skip
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["rd", "pdd_fused", "efficientad", "dhkd_fused"],
+        help=f"of {sorted(speed.MODELS)}; a tag after @ (pdd_fused@before) reads <ir-dir>/<name@tag> instead",
+    )
     parser.add_argument("--repeats", type=int, default=7, help="interleaved profiled rounds (median)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="INFERENCE_NUM_THREADS")
     parser.add_argument(
         "--ir-dir", type=Path, default=Path("results/speed/irs"), help="exported IRs (reused)"
     )
     args = parser.parse_args()
+    unknown = [m for m in args.models if m.split("@")[0] not in speed.MODELS]
+    if unknown:
+        parser.error(f"unknown models {unknown}: choose from {sorted(speed.MODELS)}")
     print(f"load average before: {os.getloadavg()}", flush=True)
     results = profile(args.models, args.ir_dir, args.repeats, args.threads)
     print(report(results))
