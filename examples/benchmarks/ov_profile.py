@@ -145,13 +145,19 @@ def conv_gflops(module: torch.nn.Module, size: int) -> dict[str, Any]:
 
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(torch.rand(1, 3, size, size))
-    parts = {}
+    # Module paths (root class name dropped) -> part; a part's FLOPs are those of its outermost modules
+    # (a ModuleList is never called, so its children are).
+    entries = []
     for key, counts in counter.get_flop_counts().items():
-        path = key.split(".", 1)[1] if "." in key else ""  # drop the root module's class name
+        path = key.split(".", 1)[1] if "." in key else ""
         part = _weight_part(path + ".weight")
-        if part is not None and path == f"model.{part}":
-            parts[part] = sum(counts.values()) / 1e9
-    return {"gflops": counter.get_total_flops() / 1e9, "parts": parts}
+        if part is not None and path.startswith(f"model.{part}"):
+            entries.append((path, part, sum(counts.values()) / 1e9))
+    parts: dict[str, float] = collections.defaultdict(float)
+    for path, part, flops in entries:
+        if not any(q != path and path.startswith(q + ".") and p == part for q, p, _ in entries):
+            parts[part] += flops
+    return {"gflops": counter.get_total_flops() / 1e9, "parts": dict(parts)}
 
 
 def export_ir(name: str, ir_dir: Path) -> tuple[Path, dict[str, Any]]:

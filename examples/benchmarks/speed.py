@@ -38,6 +38,11 @@ the others still run.
     python examples/benchmarks/speed.py                                # all default models
     python examples/benchmarks/speed.py --models dhkd efficientad      # DHKD beside EfficientAd (medium)
     python examples/benchmarks/speed.py --models urd urd_r18 rd --repeats 5 --batch 4
+    python examples/benchmarks/speed.py --models rd pdd_fused efficientad dhkd_fused --profile
+
+``--profile`` then runs ``ov_profile.py`` (same folder) on the same models: OpenVINO's per-node
+performance counters, interleaved across models, summed per model part (teacher, VMamba, students,
+head) and op class (conv, linear, scan, layout, ...), with each part's GFLOP/s.
 """
 
 from __future__ import annotations
@@ -374,6 +379,14 @@ def main() -> None:
     parser.add_argument(
         "--patchcore-images", type=int, default=PATCHCORE["images"], help="random images Patchcore embeds"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="afterwards, per-part / per-op-class OpenVINO accounting of the same models (ov_profile.py)",
+    )
+    parser.add_argument(
+        "--profile-ir-dir", type=Path, default=Path("results/speed/irs"), help="IRs of --profile (reused)"
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: measure one model
     args = parser.parse_args()
     patchcore = {"bank": args.patchcore_bank, "images": args.patchcore_images}
@@ -400,6 +413,11 @@ def main() -> None:
     )
     print(markdown(rows, args.batch))
     print(f"\nWrote {args.output}")
+    if args.profile:  # its own process: OpenVINO stays out of this one (see run_info)
+        script = Path(__file__).resolve().with_name("ov_profile.py")
+        command = [sys.executable, str(script), "--models", *args.models, "--repeats", str(args.repeats),
+                   "--ir-dir", str(args.profile_ir_dir)]  # fmt: skip
+        subprocess.run(command, check=False)
 
 
 if __name__ == "__main__":
