@@ -77,6 +77,20 @@ def _weight_part(name: str) -> str | None:
     return parts[1]
 
 
+UNNAMED = "layers with folded (unnamed) weights"
+
+
+def _is_weight(node: Any) -> bool:
+    """A constant of at least 2 dimensions with more than 64 elements (a weight, not a shape or scalar)."""
+    shape = node.get_output_partial_shape(0)
+    if shape.rank.is_dynamic or shape.rank.get_length() < 2 or not shape.is_static:
+        return False
+    size = 1
+    for dim in shape.to_shape():
+        size *= dim
+    return size > 64
+
+
 def label_original(model: Any) -> tuple[dict[str, str], dict[str, str]]:
     """Part label and op type of every node of the original (read) model, by friendly name."""
     label: dict[Any, str | None] = {}
@@ -94,9 +108,14 @@ def label_original(model: Any) -> tuple[dict[str, str], dict[str, str]]:
         else:
             const[node] = False
             weights = [label[i] for i in inputs if const[i] and label[i]]
+            unnamed = any(const[i] and not label[i] and i.get_output_size() and _is_weight(i) for i in inputs)
             data = {label[i] for i in inputs if not const[i] and label[i] and label[i] != "input"}
             if weights:
                 label[node] = weights[0]
+            elif unnamed and (len(data) > 1 or data == {"head"}):
+                # Weights folded at conversion (BatchNorm into conv) lose their names: such a layer fed
+                # by mixed features starts a part of its own (PDD's student decoder), not the head.
+                label[node] = UNNAMED
             elif len(data) == 1:
                 label[node] = data.pop()
             elif data:
@@ -121,7 +140,8 @@ def label_runtime(compiled: Any, model: Any) -> dict[str, tuple[str, str]]:
         # The fused scan's friendly name holds commas (it names the extension file): match it whole.
         scans = [n for n in scan_names if n in raw]
         originals = scans or [n for n in raw.split(",") if n]
-        found = [names[n] for n in originals if n in names and names[n] not in {"input", "head"}]
+        found = [names[n] for n in originals if n in names and names[n] not in {"input", "head", UNNAMED}]
+        found = found or [names[n] for n in originals if names.get(n) == UNNAMED]
         inputs = [parts[v.get_node()] for v in node.input_values() if v.get_node() in parts]
         if found:
             part = collections.Counter(found).most_common(1)[0][0]
