@@ -15,7 +15,10 @@ Rows (median of ``--repeats`` calls after one warm-up, all in this one process a
 - ``arithmetic floor``: the state updates' arithmetic (``d x N x L`` updates, each a vector exp and three
   FMAs) run by the extension with no loads or stores, on the same threads: no scan can beat it here;
 - ``SS2D portable / fused (OpenVINO)``: the whole module (projections, conv, cross-scan/merge, norm), so
-  the scan's share of the module is visible.
+  the scan's share of the module is visible. The fused SS2D runs the op's cross-scan mode
+  (``cross_width``): its four directions in one call, no flips or transposes in the graph.
+
+Per-op-class accounting of whole models: ``ov_profile.py`` in this folder.
 
 The machine may be shared: compare ratios within one run. The load average and CPU are printed.
 """
