@@ -10,6 +10,7 @@ The other two kill or break a save half-way and check the checkpoint on disk sta
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback, Trainer
 
 from anomalib_kd.components.checkpoint import ResumableCheckpoint, replace_atomically
 
@@ -280,3 +282,72 @@ def test_sigkill_during_a_save_leaves_a_complete_checkpoint(tmp_path: Path) -> N
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print("steps on disk after each SIGKILL:", steps)
+
+
+class _SigtermAt(Callback):
+    """Sends this process SIGTERM after optimizer step ``step`` (as a scheduler or ``kill`` would)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _StateAtStart(Callback):
+    """Keeps global step, optimizer and scheduler states as the (resumed) training starts."""
+
+    def on_train_start(self, trainer: Trainer, *args: object) -> None:
+        self.state = {
+            "global_step": trainer.global_step,
+            "optimizer_states": copy.deepcopy([o.state_dict() for o in trainer.optimizers]),
+            "lr_schedulers": copy.deepcopy([c.scheduler.state_dict() for c in trainer.lr_scheduler_configs]),
+        }
+
+
+def test_pdd_resumes_after_sigterm_in_process(tmp_path: Path) -> None:
+    """PDD (Adam, cosine schedule stepped per step) through anomalib's Engine: SIGTERM after step 3 saves
+    step 3, exit status 143; ``fit(ckpt_path=latest/...)`` starts at step 3 with the saved Adam and cosine."""
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+
+    from anomalib_kd.models.pdd import PDD
+
+    from .models.test_anomalib_sequence import CATEGORY, SIZE, _write_mvtec
+
+    root = _write_mvtec(tmp_path / "data")
+
+    def fit(callbacks: list[Callback], ckpt_path: Path | None = None) -> None:
+        model = PDD(
+            pre_trained=False, backbone="resnet18", vmamba_depths=(1, 1, 1, 1), vmamba_dims=(8, 16, 32, 64),
+            lr_t_max=None, pre_processor=PDD.configure_pre_processor((SIZE, SIZE)),
+        )  # fmt: skip
+        datamodule = MVTecAD(
+            root=root, category=CATEGORY, train_batch_size=1, eval_batch_size=4, num_workers=0
+        )
+        engine = Engine(
+            max_steps=6, default_root_dir=tmp_path / "runs", logger=False, enable_progress_bar=False,
+            accelerator="cpu", devices=1, callbacks=[ResumableCheckpoint(), *callbacks],
+        )  # fmt: skip
+        engine.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    with pytest.raises(SystemExit) as stopped:
+        fit([_SigtermAt(3)])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    weights = tmp_path / "runs" / "PDD" / "MVTecAD" / CATEGORY
+    saved = torch.load(weights / "v0/weights/lightning/model.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 3  # mid-epoch (4 batches of 1 an epoch), saved on SIGTERM
+
+    start = _StateAtStart()
+    fit([start], ckpt_path=weights / "latest/weights/lightning/model.ckpt")
+    assert start.state["global_step"] == 3
+    _assert_same(start.state["optimizer_states"], saved["optimizer_states"], "optimizer_states")
+    _assert_same(start.state["lr_schedulers"], saved["lr_schedulers"], "lr_schedulers")
+    assert (
+        start.state["lr_schedulers"][0]["last_epoch"] == 3 and start.state["lr_schedulers"][0]["T_max"] == 6
+    )
+    assert _first_adam_step(start.state["optimizer_states"][0]) == 3
+    final = torch.load(weights / "v1/weights/lightning/model.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] == 6 and final["lr_schedulers"][0]["last_epoch"] == 6
+    PDD.load_from_checkpoint(weights / "v1/weights/lightning/model.ckpt", map_location="cpu")
