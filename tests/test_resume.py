@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 
 from anomalib_kd.components.checkpoint import ResumableCheckpoint, replace_atomically
 
@@ -296,19 +296,28 @@ class _SigtermAt(Callback):
 
 
 class _StateAtStart(Callback):
-    """Keeps global step, optimizer and scheduler states as the (resumed) training starts."""
+    """Keeps global step, optimizer and scheduler states as the (resumed) training starts, whether the run's
+    own folder already holds a checkpoint then, and a fingerprint of the weights its test step scores."""
 
     def on_train_start(self, trainer: Trainer, *args: object) -> None:
+        own = Path(trainer.default_root_dir) / "weights" / "lightning" / "model.ckpt"
         self.state = {
             "global_step": trainer.global_step,
             "optimizer_states": copy.deepcopy([o.state_dict() for o in trainer.optimizers]),
             "lr_schedulers": copy.deepcopy([c.scheduler.state_dict() for c in trainer.lr_scheduler_configs]),
+            "own_checkpoint_step": torch.load(own, weights_only=False)["global_step"]
+            if own.exists()
+            else None,
         }
+
+    def on_test_epoch_start(self, trainer: Trainer, module: LightningModule) -> None:
+        self.tested = fingerprint(module.state_dict())
 
 
 def test_pdd_resumes_after_sigterm_in_process(tmp_path: Path) -> None:
     """PDD (Adam, cosine schedule stepped per step) through anomalib's Engine: SIGTERM after step 3 saves
-    step 3, exit status 143; ``fit(ckpt_path=latest/...)`` starts at step 3 with the saved Adam and cosine."""
+    step 3, exit status 143; ``train(ckpt_path=latest/...)`` starts at step 3 with the saved Adam and cosine
+    and tests the weights it fitted."""
     from anomalib.data import MVTecAD
     from anomalib.engine import Engine
 
@@ -318,7 +327,7 @@ def test_pdd_resumes_after_sigterm_in_process(tmp_path: Path) -> None:
 
     root = _write_mvtec(tmp_path / "data")
 
-    def fit(callbacks: list[Callback], ckpt_path: Path | None = None) -> None:
+    def train(callbacks: list[Callback], ckpt_path: Path | None = None) -> None:
         model = PDD(
             pre_trained=False, backbone="resnet18", vmamba_depths=(1, 1, 1, 1), vmamba_dims=(8, 16, 32, 64),
             lr_t_max=None, pre_processor=PDD.configure_pre_processor((SIZE, SIZE)),
@@ -330,18 +339,19 @@ def test_pdd_resumes_after_sigterm_in_process(tmp_path: Path) -> None:
             max_steps=6, default_root_dir=tmp_path / "runs", logger=False, enable_progress_bar=False,
             accelerator="cpu", devices=1, callbacks=[ResumableCheckpoint(), *callbacks],
         )  # fmt: skip
-        engine.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        engine.train(model, datamodule=datamodule, ckpt_path=ckpt_path)  # fit, then test
 
     with pytest.raises(SystemExit) as stopped:
-        fit([_SigtermAt(3)])
+        train([_SigtermAt(3)])
     assert stopped.value.code == 128 + signal.SIGTERM
     weights = tmp_path / "runs" / "PDD" / "MVTecAD" / CATEGORY
     saved = torch.load(weights / "v0/weights/lightning/model.ckpt", map_location="cpu", weights_only=False)
     assert saved["global_step"] == 3  # mid-epoch (4 batches of 1 an epoch), saved on SIGTERM
 
     start = _StateAtStart()
-    fit([start], ckpt_path=weights / "latest/weights/lightning/model.ckpt")
+    train([start], ckpt_path=weights / "latest/weights/lightning/model.ckpt")
     assert start.state["global_step"] == 3
+    assert start.state["own_checkpoint_step"] == 3, "the resumed run's folder (latest) holds no checkpoint"
     _assert_same(start.state["optimizer_states"], saved["optimizer_states"], "optimizer_states")
     _assert_same(start.state["lr_schedulers"], saved["lr_schedulers"], "lr_schedulers")
     assert (
@@ -350,4 +360,6 @@ def test_pdd_resumes_after_sigterm_in_process(tmp_path: Path) -> None:
     assert _first_adam_step(start.state["optimizer_states"][0]) == 3
     final = torch.load(weights / "v1/weights/lightning/model.ckpt", map_location="cpu", weights_only=False)
     assert final["global_step"] == 6 and final["lr_schedulers"][0]["last_epoch"] == 6
+    # anomalib's train tests with ckpt_path (the step-3 state): the callback has the fitted weights tested
+    assert start.tested == fingerprint(final["state_dict"]) != fingerprint(saved["state_dict"])
     PDD.load_from_checkpoint(weights / "v1/weights/lightning/model.ckpt", map_location="cpu")
