@@ -3,7 +3,7 @@
 
 It records, in files under ``$RESUME_PROBE_DIR``, what the tests cannot see from outside the process:
 ``progress`` (the last finished global step, rewritten after every step) and ``start.pt`` (global step,
-optimizer and scheduler states at ``on_train_start``, i.e. after Lightning restored a checkpoint).
+optimizer and scheduler states at the first training batch, i.e. after Lightning restored a checkpoint).
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ class ResumeProbe(Callback):
         self.folder = Path(os.environ["RESUME_PROBE_DIR"])
         self.folder.mkdir(parents=True, exist_ok=True)
 
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        # once, at the first batch: after every on_train_start hook (callbacks' and the model's)
+        if (self.folder / "start.pt").exists():
+            return
         state = {
             "global_step": trainer.global_step,
             "optimizer_states": [optimizer.state_dict() for optimizer in trainer.optimizers],

@@ -299,7 +299,12 @@ class _StateAtStart(Callback):
     """Keeps global step, optimizer and scheduler states as the (resumed) training starts, whether the run's
     own folder already holds a checkpoint then, and a fingerprint of the weights its test step scores."""
 
-    def on_train_start(self, trainer: Trainer, *args: object) -> None:
+    state: dict | None = None
+
+    def on_train_batch_start(self, trainer: Trainer, *args: object) -> None:
+        # the first batch: after every on_train_start hook (callbacks' and the model's), before any update
+        if self.state is not None:
+            return
         own = Path(trainer.default_root_dir) / "weights" / "lightning" / "model.ckpt"
         self.state = {
             "global_step": trainer.global_step,
