@@ -57,7 +57,7 @@ def scores(model_name: str, checkpoint: Path, images: list[Path]) -> np.ndarray:
     model = getattr(anomalib_kd, model_name).load_from_checkpoint(checkpoint, map_location="cpu").eval()
     out = []
     for path in images:
-        image = torch.from_numpy(read_image(path)).permute(2, 0, 1)[None].float()
+        image = read_image(path)[None]  # (1, 3, H, W) in [0, 1]
         out.append(float(model.model(model.pre_processor.transform(image)).pred_score.reshape(-1)[0]))
     return np.asarray(out)
 
