@@ -133,8 +133,9 @@ def benchmark_app(xml: Path, hint: str, precision: str, seconds: int, size: int)
     return {"median_ms": float(median.group(1)) if median else float("nan"), "fps": float(fps.group(1))}
 
 
-def aurocs(xml: Path, precision: str, datamodule: Any, size: int) -> tuple[float, float]:
-    """Image and pixel AUROC of the IR on the test set (images brought to the IR's size first)."""
+def aurocs(xml: Path, precision: str, datamodule: Any, size: int) -> tuple[float, float, list[float]]:
+    """Image and pixel AUROC of the IR on the test set (images brought to the IR's size first), and the
+    image scores (test-loader order) for the rank agreement with the f32 IR."""
     import openvino as ov
     from sklearn.metrics import roc_auc_score
 
@@ -160,7 +161,14 @@ def aurocs(xml: Path, precision: str, datamodule: Any, size: int) -> tuple[float
         gt = np.concatenate(masks).reshape(-1)
         if 0 < gt.sum() < gt.size:
             pixel = roc_auc_score(gt, np.concatenate(maps).reshape(-1))
-    return float(image), float(pixel)
+    return float(image), float(pixel), [float(v) for v in np.concatenate(scores)]
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation of two score lists (average ranks for ties)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -234,7 +242,7 @@ def prepare_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     redo = set(args.redo)
     done = record.get("variants", {})
     if "model" not in redo and all(
-        v in done and v not in redo and Path(done[v]["xml"]).is_file() for v in wanted
+        v in done and v not in redo and Path(done[v]["xml"]).is_file() and "scores" in done[v] for v in wanted
     ):
         logger.info("%s: prepared already (%s)", name, root / "prepare.json")
         return record
@@ -249,6 +257,9 @@ def prepare_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     for variant in wanted:
         entry = record["variants"].get(variant, {})
         if entry and variant not in redo and Path(entry["xml"]).is_file():
+            if "scores" not in entry:  # a record from before scores were kept: AUROCs again, no export
+                _, _, entry["scores"] = aurocs(Path(entry["xml"]), PRECISION[variant], datamodule, size)
+                _save_json(root / "prepare.json", record)
             continue
         if variant == "bf16":  # the f32 IR with a bf16 precision hint
             xml, export_s = Path(record["variants"]["f32"]["xml"]), 0.0
@@ -267,13 +278,13 @@ def prepare_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 continue
             export_s = time.perf_counter() - start
             logger.info("%s %s exported in %.0f s", name, variant, export_s)
-        image_auroc, pixel_auroc = aurocs(xml, PRECISION[variant], datamodule, size)
+        image_auroc, pixel_auroc, scores = aurocs(xml, PRECISION[variant], datamodule, size)
         record["variants"][variant] = {
             "xml": str(xml), "export_s": round(export_s), "image_auroc": round(image_auroc, 4),
             "pixel_auroc": round(pixel_auroc, 4),
-            "recipe": _recipe_text(model) if variant.startswith("int8") else "",
+            "recipe": _recipe_text(model) if variant.startswith("int8") else "", "scores": scores,
         }  # fmt: skip
-        logger.info("%s %s: %s", name, variant, record["variants"][variant])
+        logger.info("%s %s: image AUROC %.4f, pixel AUROC %.4f", name, variant, image_auroc, pixel_auroc)
         _save_json(root / "prepare.json", record)
     return record
 
@@ -333,6 +344,8 @@ def rows_for(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         if timing and reference_time:
             row["speedup_vs_f32"] = round(timing["throughput_fps"] / reference_time["throughput_fps"], 2)
             row["gflop_s"] = round(record["gflop_per_image"] * timing["throughput_fps"], 1)
+        if "scores" in entry and "scores" in reference:
+            row["spearman_vs_f32"] = round(spearman(reference["scores"], entry["scores"]), 4)
         for kind in ("image", "pixel"):
             if f"{kind}_auroc" in entry and f"{kind}_auroc" in reference:
                 row[f"{kind}_auroc_drop"] = round(reference[f"{kind}_auroc"] - entry[f"{kind}_auroc"], 4)
@@ -342,7 +355,7 @@ def rows_for(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 COLUMNS = (
     "model", "variant", "image_size", "latency_ms", "throughput_fps", "speedup_vs_f32", "gflop_s",
-    "image_auroc", "image_auroc_drop", "pixel_auroc", "pixel_auroc_drop",
+    "image_auroc", "image_auroc_drop", "pixel_auroc", "pixel_auroc_drop", "spearman_vs_f32",
 )  # fmt: skip
 
 
