@@ -2,23 +2,33 @@
 
 For each model (URD, DHKD, PDD, D24FAD and anomalib's ReverseDistillation and EfficientAd) this trains one
 kdbench category with the benchmark suite's CPU budget (``examples/benchmarks/configs/<model>.yaml``:
-size, epochs, batch), exports it with anomalib's exporter (``to_openvino``) as f32, FP16 weights and
-INT8_PTQ (calibration: the datamodule's validation images), and measures each variant:
+size, epochs, batch), exports it with anomalib's exporter (``to_openvino``) and measures each variant:
 
 - ``f32``: the f32 IR, ``INFERENCE_PRECISION_HINT=f32``;
 - ``bf16``: the same IR with ``INFERENCE_PRECISION_HINT=bf16`` (OpenVINO's CPU default where supported);
 - ``fp16``: the FP16-weight IR (``compression_type=FP16``), f32 hint (weights decompressed at load);
-- ``int8``: the INT8_PTQ IR, f32 hint for what stays float (this package's models keep their map head,
-  post-processing and scan float, see ``anomalib_kd.components.export``; anomalib's models get NNCF's
-  default recipe).
+- ``int8``: the INT8_PTQ IR (calibration: the datamodule's validation images), f32 hint for what stays
+  float (this package's models keep their map head, post-processing and scan float, see
+  ``anomalib_kd.components.export``; anomalib's models get the same kind of float scope here, or NNCF's
+  default with ``--stock-anomalib-int8``);
+- ``int8_acq``: INT8_ACQ (``nncf.quantize_with_accuracy_control``) with image AUROC as the metric and
+  ``--max-drop``: ops whose quantisation costs the most AUROC go back to float until the drop is met.
 
-Latency (batch 1, median) and throughput (async, all cores) come from OpenVINO's ``benchmark_app``
-(shipped in the openvino wheel): ``-hint latency`` and ``-hint throughput``. Image and pixel AUROC on
-the category's test set are computed from the IR's outputs (OpenVINO, same precision hint); the drop is
-against the model's own f32 IR. GFLOP/s = FLOPs of one eager forward (torch's FlopCounterMode) times
-throughput. Not a test: it trains six models (tens of minutes on 2 cores at the default budget).
+Two stages, so the long part can run on a busy machine and the timing on an idle one:
 
-    python examples/benchmarks/compression.py --category brick --out runs/compression
+- ``--stage prepare``: train (weights kept in ``<out>/<model>/model.pt``), export the IRs, image / pixel AUROC
+  and image scores on the test set (``prepare.json``); AUROC does not depend on load;
+- ``--stage measure``: ``benchmark_app`` (shipped in the openvino wheel) latency at batch 1 (``-hint
+  latency``, median) and throughput (``-hint throughput``, async, all cores) of the prepared IRs
+  (``measure.json``), then the table (``compression.md`` / ``.csv``).
+
+The default runs both. Work whose outputs exist is skipped (``--redo <variants>`` / ``--remeasure`` force
+it). Drops and the Spearman rank agreement of the image scores are against the model's own f32 IR.
+GFLOP/s = FLOPs of one eager forward (torch's FlopCounterMode) times throughput. Not a test: it trains six
+models (tens of minutes on 2 cores at the default budget).
+
+    python examples/benchmarks/compression.py --stage prepare --category brick --out runs/compression
+    python examples/benchmarks/compression.py --stage measure --out runs/compression   # on an idle machine
     python examples/benchmarks/compression.py --models URD,DHKD --image-size 64 --max-epochs 1 --time 5
 """
 
