@@ -63,16 +63,26 @@ class QuantizationRecipe:
             a logged warning).
         model_type: NNCF ``ModelType`` name (``"transformer"``) or ``None`` (NNCF's default).
         preset: NNCF ``QuantizationPreset`` name (``"performance"``, ``"mixed"``) or ``None``.
+        fast_bias_correction: ``False`` runs NNCF's full bias correction (slower, more exact); ``None``:
+            NNCF's default (fast).
+        smooth_quant_alpha: SmoothQuant migration strength for matmuls (``AdvancedSmoothQuantParameters``);
+            ``None``: NNCF's default.
         reason: one line saying why the float parts are float (shown in logs and docs).
     """
 
     float_modules: tuple[str, ...] = ("post_processor",)
     model_type: str | None = None
     preset: str | None = None
+    fast_bias_correction: bool | None = None
+    smooth_quant_alpha: float | None = None
     reason: str = "anomalib's post-processing (normalisation constants, thresholds, clamp) stays float."
 
-    def nncf_options(self) -> dict[str, Any]:
-        """``model_type`` / ``preset`` keyword arguments for ``nncf.quantize``."""
+    def nncf_options(self, advanced_key: str = "advanced_parameters") -> dict[str, Any]:
+        """Keyword arguments for ``nncf.quantize`` (options left at ``None`` are not passed).
+
+        ``advanced_key``: the name of the advanced-parameters argument
+        (``nncf.quantize_with_accuracy_control`` calls it ``advanced_quantization_parameters``).
+        """
         import nncf
 
         options: dict[str, Any] = {}
@@ -80,6 +90,16 @@ class QuantizationRecipe:
             options["model_type"] = nncf.ModelType(self.model_type)
         if self.preset is not None:
             options["preset"] = nncf.QuantizationPreset(self.preset)
+        if self.fast_bias_correction is not None:
+            options["fast_bias_correction"] = self.fast_bias_correction
+        if self.smooth_quant_alpha is not None:
+            from nncf.quantization.advanced_parameters import (
+                AdvancedQuantizationParameters,
+                AdvancedSmoothQuantParameters,
+            )
+
+            alphas = AdvancedSmoothQuantParameters(matmul=self.smooth_quant_alpha)
+            options[advanced_key] = AdvancedQuantizationParameters(smooth_quant_alphas=alphas)
         return options
 
 
@@ -322,5 +342,5 @@ class OpenVINOQuantizationMixin:
             validate,
             max_drop=max_drop,
             ignored_scope=self.quantization_ignored_scope(model),
-            **self.quantization_recipe.nncf_options(),
+            **self.quantization_recipe.nncf_options("advanced_quantization_parameters"),
         )

@@ -174,3 +174,12 @@ def test_recipe_options_reach_nncf() -> None:
     options = QuantizationRecipe(("post_processor",), model_type="transformer", preset="mixed").nncf_options()
     assert options == {"model_type": nncf.ModelType.TRANSFORMER, "preset": nncf.QuantizationPreset.MIXED}
     assert QuantizationRecipe().nncf_options() == {}
+    tuned = QuantizationRecipe(fast_bias_correction=False, smooth_quant_alpha=0.5)
+    options = tuned.nncf_options()
+    assert options["fast_bias_correction"] is False
+    assert options["advanced_parameters"].smooth_quant_alphas.matmul == 0.5
+    # quantize_with_accuracy_control names the same argument differently
+    assert set(tuned.nncf_options("advanced_quantization_parameters")) == {
+        "fast_bias_correction",
+        "advanced_quantization_parameters",
+    }
