@@ -191,7 +191,10 @@ def _image_batch_transform(model: Model) -> Callable[[Any], Any]:
     size = _static_spatial_size(model)
 
     def transform(item: Any) -> Any:
-        images = item["image"] if not isinstance(item, torch.Tensor) else item
+        if isinstance(item, torch.Tensor):
+            images = item
+        else:  # anomalib's batches; FewShotTasks' episodes (query images)
+            images = item.image if hasattr(item, "image") else item["image"]
         images = images.float()
         if size is not None and tuple(images.shape[-2:]) != size:
             images = torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True)
