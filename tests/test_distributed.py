@@ -97,6 +97,14 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     )
 
 
+def _summary(value: torch.Tensor) -> str:
+    """A scalar as it is; a tensor as its shape, mean and norm."""
+    value = value.double()
+    if value.numel() == 1:
+        return f"{value.item():.6g}"
+    return f"{tuple(value.shape)} mean {value.mean().item():.6g} norm {value.norm().item():.6g}"
+
+
 def _dhkd_statistics(model: object, datamodule: object) -> dict[str, torch.Tensor]:
     """DHKD's teacher mean/std (training images) and map quantiles (held-out normals), in one process."""
     from torch.utils.data import DataLoader
@@ -185,6 +193,8 @@ def test_ddp_training_matches_ranks_and_single_process(
         expected |= {key: validated[key] for key in validated if key.startswith("model.support_")}
     for key, value in expected.items():
         _close(state0[key], value, f"{name} {key} (DDP rank 0 vs one process)")
+        # The closing table (pytest -s): one process | rank 0 | rank 1 (rank 1 equals rank 0 bit for bit).
+        print(f"| {name} | {key} | {_summary(value)} | {_summary(state0[key])} | {_summary(state1[key])} |")
     assert all(bool(torch.isfinite(state0[key]).all()) for key in post), f"{name}: post-processor not fitted"
 
 

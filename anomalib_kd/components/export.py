@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from torch.utils.data import DataLoader
 
 if TYPE_CHECKING:
     from anomalib import TaskType
@@ -63,16 +64,26 @@ class QuantizationRecipe:
             a logged warning).
         model_type: NNCF ``ModelType`` name (``"transformer"``) or ``None`` (NNCF's default).
         preset: NNCF ``QuantizationPreset`` name (``"performance"``, ``"mixed"``) or ``None``.
+        fast_bias_correction: ``False`` runs NNCF's full bias correction (slower, more exact); ``None``:
+            NNCF's default (fast).
+        smooth_quant_alpha: SmoothQuant migration strength for matmuls (``AdvancedSmoothQuantParameters``);
+            ``None``: NNCF's default.
         reason: one line saying why the float parts are float (shown in logs and docs).
     """
 
     float_modules: tuple[str, ...] = ("post_processor",)
     model_type: str | None = None
     preset: str | None = None
+    fast_bias_correction: bool | None = None
+    smooth_quant_alpha: float | None = None
     reason: str = "anomalib's post-processing (normalisation constants, thresholds, clamp) stays float."
 
-    def nncf_options(self) -> dict[str, Any]:
-        """``model_type`` / ``preset`` keyword arguments for ``nncf.quantize``."""
+    def nncf_options(self, advanced_key: str = "advanced_parameters") -> dict[str, Any]:
+        """Keyword arguments for ``nncf.quantize`` (options left at ``None`` are not passed).
+
+        ``advanced_key``: the name of the advanced-parameters argument
+        (``nncf.quantize_with_accuracy_control`` calls it ``advanced_quantization_parameters``).
+        """
         import nncf
 
         options: dict[str, Any] = {}
@@ -80,6 +91,16 @@ class QuantizationRecipe:
             options["model_type"] = nncf.ModelType(self.model_type)
         if self.preset is not None:
             options["preset"] = nncf.QuantizationPreset(self.preset)
+        if self.fast_bias_correction is not None:
+            options["fast_bias_correction"] = self.fast_bias_correction
+        if self.smooth_quant_alpha is not None:
+            from nncf.quantization.advanced_parameters import (
+                AdvancedQuantizationParameters,
+                AdvancedSmoothQuantParameters,
+            )
+
+            alphas = AdvancedSmoothQuantParameters(matmul=self.smooth_quant_alpha)
+            options[advanced_key] = AdvancedQuantizationParameters(smooth_quant_alphas=alphas)
         return options
 
 
@@ -170,7 +191,10 @@ def _image_batch_transform(model: Model) -> Callable[[Any], Any]:
     size = _static_spatial_size(model)
 
     def transform(item: Any) -> Any:
-        images = item["image"] if not isinstance(item, torch.Tensor) else item
+        if isinstance(item, torch.Tensor):
+            images = item
+        else:  # anomalib's batches; FewShotTasks' episodes (query images)
+            images = item.image if hasattr(item, "image") else item["image"]
         images = images.float()
         if size is not None and tuple(images.shape[-2:]) != size:
             images = torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True)
@@ -241,26 +265,65 @@ class OpenVINOQuantizationMixin:
         )
 
     @staticmethod
-    def _calibration_loader(datamodule: AnomalibDataModule | None, model: Model, kind: str) -> Any:
-        """The datamodule's validation loader (anomalib's choice; test images are never used)."""
+    def _calibration_loader(datamodule: AnomalibDataModule | None, model: Model, kind: str) -> Iterable:
+        """Calibration images: the datamodule's training images, in order, at the IR's batch size.
+
+        anomalib calibrates on the validation split, which for MVTec-style datamodules holds test images
+        (``val_split_mode`` ``from_test`` / ``same_as_test``): the quantisation ranges would be fitted on
+        the images the model is then tested on. The training images are normal images, as on a line,
+        and never tested. FewShotTasks: the target task's K support images.
+        """
         if datamodule is None:
             msg = f"Datamodule must be provided for OpenVINO {kind} compression (calibration images)."
             raise ValueError(msg)
         datamodule.setup("fit")
-        if model.input(0).partial_shape[0].is_static:
-            datamodule.train_batch_size = model.input(0).shape[0]
-            datamodule.eval_batch_size = model.input(0).shape[0]
-        dataloader = datamodule.val_dataloader()
-        if len(dataloader.dataset) < 300:
-            logger.warning(
-                ">300 images recommended for INT8 quantization, found only %d images", len(dataloader.dataset)
+        batch_size = model.input(0).shape[0] if model.input(0).partial_shape[0].is_static else 1
+        if hasattr(datamodule, "support_images") and getattr(datamodule, "mode", "") == "episodic":
+            # FewShotTasks episodes: the training tasks are other tasks; add the target's K supports, the
+            # normals the deployed model is built for.
+            supports = datamodule.support_images()
+            extra = [supports[start : start + batch_size] for start in range(0, len(supports), batch_size)]
+            dataset = datamodule.train_data
+            loader = DataLoader(dataset, batch_size=batch_size, collate_fn=dataset.collate_fn)
+            return [*extra, *(batch.image for batch in loader)]
+        dataset = getattr(datamodule, "train_data", None)
+        if dataset is None or len(dataset) == 0:
+            msg = f"OpenVINO {kind} compression calibrates on the datamodule's training images; it has none."
+            raise ValueError(msg)
+        if len(dataset) < 300:
+            logger.warning("%s calibration: %d training images (300+ recommended).", kind, len(dataset))
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=getattr(datamodule, "num_workers", 0),
+            collate_fn=getattr(dataset, "collate_fn", None),
+        )
+
+    @staticmethod
+    def _accuracy_loader(datamodule: AnomalibDataModule, model: Model) -> DataLoader:
+        """INT8_ACQ's accuracy images: the validation split, refused when it holds test images (NNCF
+        would choose what stays float by the test score: model selection on the test set)."""
+        from anomalib.data.utils import ValSplitMode
+
+        mode = getattr(datamodule, "val_split_mode", None)
+        allowed = (ValSplitMode.SYNTHETIC, ValSplitMode.FROM_DIR)
+        if mode is None or ValSplitMode(mode) not in allowed:
+            msg = (
+                "INT8_ACQ measures the accuracy drop on the validation split, but this datamodule's "
+                f"(val_split_mode={getattr(mode, 'value', mode)!r}) is made of test images. Use "
+                "--data.val_split_mode synthetic (synthetic anomalies on held-out training images) or "
+                "from_dir with a validation folder of its own, or INT8_PTQ."
             )
-        return dataloader
+            raise ValueError(msg)
+        if model.input(0).partial_shape[0].is_static:
+            datamodule.eval_batch_size = model.input(0).shape[0]
+        return datamodule.val_dataloader()
 
     def _post_training_quantization_ov(
         self, model: Model, datamodule: AnomalibDataModule | None = None
     ) -> Model:
-        """``nncf.quantize`` on validation images, with the model's float scope and options."""
+        """``nncf.quantize`` on the training images, with the model's float scope and options."""
         import nncf
 
         dataloader = self._calibration_loader(datamodule, model, "INT8_PTQ")
@@ -279,8 +342,8 @@ class OpenVINOQuantizationMixin:
         task: TaskType | None = None,
         max_drop: float = 0.01,
     ) -> Model:
-        """``nncf.quantize_with_accuracy_control`` with the float scope; the metric is measured on the
-        validation images (anomalib uses the test split) and reset between evaluations."""
+        """``nncf.quantize_with_accuracy_control`` with the float scope: calibrated on the training images,
+        the metric measured on a validation split without test images (reset between evaluations)."""
         import nncf
         from anomalib.data import ImageBatch
 
@@ -293,6 +356,7 @@ class OpenVINOQuantizationMixin:
 
             metric = F1Score(fields=["pred_label", "gt_label"])
         dataloader = self._calibration_loader(datamodule, model, "INT8_ACQ")
+        accuracy_loader = self._accuracy_loader(datamodule, model)
         to_input = _image_batch_transform(model)
 
         def validate(compiled: Any, batches: Iterable) -> float:
@@ -318,9 +382,9 @@ class OpenVINOQuantizationMixin:
         return nncf.quantize_with_accuracy_control(
             model,
             nncf.Dataset(dataloader, to_input),
-            nncf.Dataset(dataloader),
+            nncf.Dataset(accuracy_loader),
             validate,
             max_drop=max_drop,
             ignored_scope=self.quantization_ignored_scope(model),
-            **self.quantization_recipe.nncf_options(),
+            **self.quantization_recipe.nncf_options("advanced_quantization_parameters"),
         )

@@ -103,6 +103,7 @@ class ForegroundMasker:
         self.segment = FOREGROUND_METHODS[method]
         self.max_cached = max_cached
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._warned_empty = False
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Masks for ``images`` (B, 3, H, W) in [0, 1]."""
@@ -116,6 +117,18 @@ class ForegroundMasker:
         packed = self._cache.get(key)
         if packed is None:
             mask = self.segment(image)
+            if not mask.any() and not self._warned_empty:
+                # Not an error (an image may show no object), but if every image does, URD trains with no
+                # synthetic anomalies at all: say so once.
+                self._warned_empty = True
+                logger.warning(
+                    "Foreground masks (%s) found no object in a %dx%d training image: no synthetic anomaly "
+                    "is placed on such images. If your images have no distinct object on a background, "
+                    "turn the restriction off (URD: --model.foreground_mask null).",
+                    self.method,
+                    width,
+                    height,
+                )
             packed = np.packbits(mask, axis=None)
             self._cache[key] = packed
             if len(self._cache) > self.max_cached:

@@ -4,7 +4,9 @@ Trains one model twice with the stock ``anomalib train`` on ``anomalib_kd.data.T
 download): once with ``--trainer.strategy ddp --trainer.devices 2`` and ``train_batch_size B``, once in one
 process with ``2 B``, the same seed and number of steps. Then scores the test images with both checkpoints
 (eager, no post-processing) and prints each run's image AUROC, the rank correlation of the two runs'
-scores and their largest score difference relative to the score range.
+scores and their largest score difference relative to the score range. For scale, a third run repeats the
+one-process run with the next seed: the DDP run should differ from the one-process run about as much as a
+reseeded one-process run does.
 
 The runs are not expected to be equal: the global batch of a step holds different images (Lightning's
 distributed sampler vs its shuffled sampler), BatchNorm normalises each process's half, and each process
@@ -57,7 +59,7 @@ def scores(model_name: str, checkpoint: Path, images: list[Path]) -> np.ndarray:
     model = getattr(anomalib_kd, model_name).load_from_checkpoint(checkpoint, map_location="cpu").eval()
     out = []
     for path in images:
-        image = torch.from_numpy(read_image(path)).permute(2, 0, 1)[None].float()
+        image = read_image(path)[None]  # (1, 3, H, W) in [0, 1]
         out.append(float(model.model(model.pre_processor.transform(image)).pred_score.reshape(-1)[0]))
     return np.asarray(out)
 
@@ -85,16 +87,23 @@ def main() -> None:
         root = Path(tmp) / "data"
         ddp = train(args.model, 2, args.batch, args, root, Path(tmp) / "ddp")
         single = train(args.model, 1, 2 * args.batch, args, root, Path(tmp) / "single")
+        args.seed += 1
+        reseeded = train(args.model, 1, 2 * args.batch, args, root, Path(tmp) / "reseeded")
+        args.seed -= 1
         test = root / args.category / "test"
         images = sorted(test.rglob("*.png"))
         labels = np.asarray([p.parent.name != "good" for p in images])
         ddp_scores, single_scores = scores(args.model, ddp, images), scores(args.model, single, images)
+        reseeded_scores = scores(args.model, reseeded, images)
     spread = float(np.ptp(single_scores)) or 1.0
     print(f"{args.model}: {args.steps} steps, global batch {2 * args.batch}, {len(images)} test images")
     print(f"  image AUROC  DDP (2 x {args.batch}): {roc_auc_score(labels, ddp_scores):.4f}")
     print(f"  image AUROC  one process ({2 * args.batch}): {roc_auc_score(labels, single_scores):.4f}")
-    print(f"  Spearman rho of the two runs' scores: {spearmanr(ddp_scores, single_scores).statistic:.4f}")
-    print(f"  max |score difference| / score range: {np.abs(ddp_scores - single_scores).max() / spread:.4f}")
+    print(f"  image AUROC  one process, seed {args.seed + 1}: {roc_auc_score(labels, reseeded_scores):.4f}")
+    for name, other in (("DDP", ddp_scores), (f"one process, seed {args.seed + 1}", reseeded_scores)):
+        rho = spearmanr(other, single_scores).statistic
+        gap = np.abs(other - single_scores).max() / spread
+        print(f"  {name} vs one process: Spearman rho {rho:.4f}, max |score difference| / range {gap:.4f}")
 
 
 if __name__ == "__main__":

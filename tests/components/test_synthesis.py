@@ -138,3 +138,20 @@ def test_texture_used_unaugmented_when_asked(tmp_path: Path) -> None:
     augmented, masks = augmenting(images)
     inside = masks.expand_as(augmented) > 0
     assert not torch.allclose(augmented[inside], expected.expand_as(augmented)[inside], atol=1e-3)
+
+
+def test_an_image_without_foreground_is_reported_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """GrabCut on an image with no object (e.g. noise) returns an empty mask: no anomaly is synthesised
+    there, which must not go unnoticed (URD would train without anomalies); warned once per masker."""
+    empty = lambda image: np.zeros(image.shape[:2], bool)  # noqa: E731
+    monkeypatch.setitem(synthesis.FOREGROUND_METHODS, "grabcut", empty)
+    masker = ForegroundMasker("grabcut")
+    images, _ = object_images(3)
+    with caplog.at_level("WARNING", logger=synthesis.__name__):
+        assert not masker(images).any()
+        masker(images[:1] * 0.5)
+    warnings = [r for r in caplog.records if "found no object" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "foreground_mask null" in warnings[0].getMessage()

@@ -1,0 +1,50 @@
+"""A callback the resume tests pass to ``anomalib train``
+(``--trainer.callbacks+=tests.resume_probe.ResumeProbe``).
+
+It records, in files under ``$RESUME_PROBE_DIR``, what the tests cannot see from outside the process:
+``progress`` (the last finished global step, rewritten after every step) and ``start.pt`` (global step,
+optimizer and scheduler states at the first training batch, i.e. after Lightning restored a checkpoint).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+
+class ResumeProbe(Callback):
+    """Write the training state at the start and the step count after each step (test instrumentation)."""
+
+    def __init__(self) -> None:
+        self.folder = Path(os.environ["RESUME_PROBE_DIR"])
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        # once, at the first batch: after every on_train_start hook (callbacks' and the model's)
+        if (self.folder / "start.pt").exists():
+            return
+        state = {
+            "global_step": trainer.global_step,
+            "optimizer_states": [optimizer.state_dict() for optimizer in trainer.optimizers],
+            "lr_schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
+        }
+        torch.save(state, self.folder / "start.pt")
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after every callback's on_test_start (Lightning runs checkpoint callbacks last)
+        torch.save(fingerprint(pl_module.state_dict()), self.folder / "test.pt")
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        (self.folder / "progress").write_text(str(trainer.global_step))
+
+
+def fingerprint(state_dict: dict[str, torch.Tensor]) -> dict[str, float | str]:
+    """The sum of each floating-point tensor (enough to tell two trained states apart); NaN as ``"nan"``, so
+    two fingerprints compare equal with ``==`` (e.g. thresholds not fitted yet)."""
+    sums = {k: float(v.double().sum()) for k, v in state_dict.items() if v.is_floating_point()}
+    return {k: "nan" if math.isnan(value) else value for k, value in sums.items()}
