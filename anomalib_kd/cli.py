@@ -99,7 +99,7 @@ def seeded_cli() -> type:
 
 def main() -> None:
     """Register into anomalib, then run anomalib's own CLI (seeded) with the same arguments."""
-    from anomalib.utils.logging import configure_logger
+    from anomalib.loggers import configure_logger
 
     from anomalib_kd import register_into_anomalib
 
