@@ -10,7 +10,8 @@ ends (``tests.rank_state.RankStateDump``); then:
   data: DHKD's teacher channel mean/std and map quantiles, D24FAD's support features, anomalib's
   post-processor thresholds and min/max (fitted on the validation images, sharded across the ranks).
 
-PDD and DHKD runs take over a minute each on 2 cores: marked heavy (``.ci/run`` runs them after the suite).
+URD's run (the issue's failing case) is in the README's test command; the other three take about a minute
+each on 2 cores: marked heavy (``.ci/run`` runs them after the suite).
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def _validated_state(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.heavy) if n in {"PDD", "DHKD"} else n for n in MODELS]
+    "name", [pytest.param(n, marks=pytest.mark.heavy) if n != "URD" else n for n in MODELS]
 )
 def test_ddp_training_matches_ranks_and_single_process(
     name: str, tiny_textures_root: Path, tmp_path: Path

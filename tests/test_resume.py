@@ -251,6 +251,7 @@ while True:
 """
 
 
+@pytest.mark.heavy  # three kill-and-check rounds, ~25-60 s: run by `.ci/run` after the README's command
 def test_sigkill_during_a_save_leaves_a_complete_checkpoint(tmp_path: Path) -> None:
     """SIGKILL while a checkpoint is being written (Lightning's temporary file in $TMPDIR exists): the file
     on disk is the previous or the new complete checkpoint. $TMPDIR is a tmpfs (/dev/shm) where there is one,

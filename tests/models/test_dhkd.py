@@ -428,6 +428,7 @@ def test_openvino_export_matches_eager(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # over a minute on 2 cores: `.ci/run` runs it after the README's test command
 def test_stock_cli_train_export_and_openvino_inferencer(tiny_textures_root: Path, tmp_path: Path) -> None:
     """`anomalib train` + `anomalib export` (stock command), then OpenVINOInferencer parity (f32)."""
     data_args = [
