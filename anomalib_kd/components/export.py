@@ -265,31 +265,23 @@ class OpenVINOQuantizationMixin:
         )
 
     @staticmethod
-    def _calibration_loader(datamodule: AnomalibDataModule | None, model: Model, kind: str) -> Iterable:
+    def _calibration_loader(datamodule: AnomalibDataModule | None, model: Model, kind: str) -> DataLoader:
         """Calibration images: the datamodule's training images, in order, at the IR's batch size.
 
         anomalib calibrates on the validation split, which for MVTec-style datamodules holds test images
         (``val_split_mode`` ``from_test`` / ``same_as_test``): the quantisation ranges would be fitted on
         the images the model is then tested on. The training images are normal images, as on a line,
-        and never tested. FewShotTasks: the target task's K support images.
+        and never tested (FewShotTasks, episodic: the training tasks' query images).
         """
         if datamodule is None:
             msg = f"Datamodule must be provided for OpenVINO {kind} compression (calibration images)."
             raise ValueError(msg)
         datamodule.setup("fit")
-        batch_size = model.input(0).shape[0] if model.input(0).partial_shape[0].is_static else 1
-        if hasattr(datamodule, "support_images") and getattr(datamodule, "mode", "") == "episodic":
-            # FewShotTasks episodes: the training tasks are other tasks; add the target's K supports, the
-            # normals the deployed model is built for.
-            supports = datamodule.support_images()
-            extra = [supports[start : start + batch_size] for start in range(0, len(supports), batch_size)]
-            dataset = datamodule.train_data
-            loader = DataLoader(dataset, batch_size=batch_size, collate_fn=dataset.collate_fn)
-            return [*extra, *(batch.image for batch in loader)]
         dataset = getattr(datamodule, "train_data", None)
         if dataset is None or len(dataset) == 0:
             msg = f"OpenVINO {kind} compression calibrates on the datamodule's training images; it has none."
             raise ValueError(msg)
+        batch_size = model.input(0).shape[0] if model.input(0).partial_shape[0].is_static else 1
         if len(dataset) < 300:
             logger.warning("%s calibration: %d training images (300+ recommended).", kind, len(dataset))
         return DataLoader(

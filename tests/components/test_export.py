@@ -86,14 +86,7 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     "name",
     [
         "urd",
-        pytest.param(
-            "d24fad",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="calibrated without test images (target supports + training episodes), D24FAD's INT8 "
-                "model ranks the test images unlike f32 (Spearman 0.38-0.54): its recipe is open work (#14)",
-            ),
-        ),
+        "d24fad",
         pytest.param("dhkd", marks=pytest.mark.heavy),  # minutes on 2 cores: `.ci/run` runs `-m heavy`
         pytest.param("pdd", marks=pytest.mark.heavy),
     ],
