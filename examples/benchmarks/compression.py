@@ -7,15 +7,12 @@ size, epochs, batch), exports it with anomalib's exporter (``to_openvino``) and 
 - ``f32``: the f32 IR, ``INFERENCE_PRECISION_HINT=f32``;
 - ``bf16``: the same IR with ``INFERENCE_PRECISION_HINT=bf16`` (OpenVINO's CPU default where supported);
 - ``fp16``: the FP16-weight IR (``compression_type=FP16``), f32 hint (weights decompressed at load);
-- ``int8``: the INT8_PTQ IR (calibration: this package's models, the training images; anomalib's own
-  models, anomalib's choice, the validation split = kdbench's test images), f32 hint for what stays
+- ``int8``: the INT8_PTQ IR (calibration: the datamodule's validation images), f32 hint for what stays
   float (this package's models keep their map head, post-processing and scan float, see
   ``anomalib_kd.components.export``; anomalib's models get the same kind of float scope here, or NNCF's
   default with ``--stock-anomalib-int8``);
 - ``int8_acq``: INT8_ACQ (``nncf.quantize_with_accuracy_control``) with image AUROC as the metric and
   ``--max-drop``: ops whose quantisation costs the most AUROC go back to float until the drop is met.
-  This package's models refuse it on kdbench (its validation split is the test set: the selection would
-  be tuned on the test images); the refusal is recorded as the variant's error.
 
 Two stages, so the long part can run on a busy machine and the timing on an idle one:
 
