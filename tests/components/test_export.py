@@ -183,33 +183,3 @@ def test_recipe_options_reach_nncf() -> None:
         "fast_bias_correction",
         "advanced_quantization_parameters",
     }
-
-
-class _StaticBatchModel:
-    """The two facts the loaders read from an OpenVINO model: a static input batch of 2."""
-
-    class _Input:
-        shape = (2, 3, SIZE, SIZE)
-        partial_shape = (type("Dimension", (), {"is_static": True})(),)
-
-    def input(self, index: int) -> object:
-        del index
-        return self._Input()
-
-
-def test_calibration_uses_training_images_and_acq_refuses_test_images(tasks_root: Path) -> None:
-    """INT8 calibration never sees test images (anomalib's exporter calibrates on the validation split,
-    here the test images); INT8_ACQ, which needs labelled images, refuses a validation split of them."""
-    from anomalib.data.utils import ValSplitMode
-
-    from anomalib_kd.components.export import OpenVINOQuantizationMixin
-
-    datamodule = _datamodule(tasks_root, episodic=False)
-    loader = OpenVINOQuantizationMixin._calibration_loader(datamodule, _StaticBatchModel(), "INT8_PTQ")
-    paths = [path for batch in loader for path in batch.image_path]
-    assert loader.batch_size == 2
-    assert sorted(paths) == sorted(datamodule.train_data.samples.image_path)
-    assert not [path for path in paths if "/test/" in path]
-    assert getattr(datamodule, "val_split_mode", None) not in (ValSplitMode.SYNTHETIC, ValSplitMode.FROM_DIR)
-    with pytest.raises(ValueError, match="made of test images"):
-        OpenVINOQuantizationMixin._accuracy_loader(datamodule, _StaticBatchModel())
