@@ -433,6 +433,7 @@ def read(path: str | Path) -> torch.Tensor:
     return load_support_image(path)
 
 
+@pytest.mark.heavy  # two exports, ~40 s on 2 cores: `.ci/run` runs it after the README's test command
 def test_swapped_support_file_equals_reexport(trained: dict, root: Path, tmp_path: Path) -> None:
     """Swappable export + a new support-feature file scores as a re-export with those supports baked in."""
     import openvino as ov

@@ -384,6 +384,7 @@ def test_stock_cli_train_export_and_openvino_inferencer(tiny_textures_root: Path
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # a whole `anomalib benchmark` job: `.ci/run` runs it after the README's test command
 def test_stock_benchmark_runs_urd_and_writes_csv(tiny_textures_root: Path, tmp_path: Path) -> None:
     config = tmp_path / "benchmark.yaml"
     init = "\n".join(f"      {k}: {v}" for k, v in TINY_TEXTURES.items() if k != "defect_types")
