@@ -126,28 +126,38 @@ class SS2D(nn.Module):
         self.out_proj = nn.Linear(di, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout) if dropout > 0.0 else nn.Identity()
 
-    def forward_core(self, x: Tensor) -> Tensor:
-        """Scan part: conv output ``(B, d_inner, H, W)`` -> merged ``(B, H, W, d_inner)`` before out_norm."""
-        batch, di, height, width = x.shape
-        seq_len = height * width
-        k, r, n = self.k_group, self.dt_rank, self.d_state
-        xs = cross_scan(x)  # (B, K, d_inner, L)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+    def scan_parameters(self, x_dbl: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The selective scan's ``delta, A, B, C, D, delta_bias`` from the stacked per-direction projections
+        ``x_dbl`` ``(B, K, R + 2N, L)``: ``delta`` ``(B, K * d_inner, L)``, ``B``/``C`` ``(B, K, N, L)``.
+
+        All in f32: v0 runs the scan in f32 (force_fp32), the recurrence is sensitive to low precision.
+        """
+        batch, _, _, seq_len = x_dbl.shape
+        r, n = self.dt_rank, self.d_state
         dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
-        # v0 runs the scan in f32 (force_fp32): the recurrence is sensitive to low precision.
-        ys = selective_scan(
-            xs.reshape(batch, k * di, seq_len).float(),
-            dts.reshape(batch, k * di, seq_len).float(),
+        return (
+            dts.reshape(batch, self.k_group * self.d_inner, seq_len).float(),
             -torch.exp(self.A_logs.float()),
             bs.float(),
             cs.float(),
             self.Ds.float(),
             self.dt_projs_bias.reshape(-1).float(),
+        )
+
+    def forward_core(self, x: Tensor) -> Tensor:
+        """Scan part: conv output ``(B, d_inner, H, W)`` -> merged ``(B, H, W, d_inner)`` before out_norm."""
+        batch, di, height, width = x.shape
+        seq_len = height * width
+        xs = cross_scan(x)  # (B, K, d_inner, L)
+        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+        ys = selective_scan(
+            xs.reshape(batch, self.k_group * di, seq_len).float(),
+            *self.scan_parameters(x_dbl),
             delta_softplus=True,
             chunk_size=self.chunk_size,
         )
-        y = cross_merge(ys.reshape(batch, k, di, seq_len), height, width)
+        y = cross_merge(ys.reshape(batch, self.k_group, di, seq_len), height, width)
         return y.transpose(1, 2).reshape(batch, height, width, di).to(x.dtype)
 
     def forward_core_cross(self, x: Tensor) -> Tensor:
@@ -162,23 +172,15 @@ class SS2D(nn.Module):
 
         batch, di, height, width = x.shape
         seq_len = height * width
-        k, r, n = self.k_group, self.dt_rank, self.d_state
         flat = x.reshape(batch, di, seq_len)
         x_dbl = torch.einsum("bdl,kcd->bkcl", flat, self.x_proj_weight)
-        dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
         ys = fused_selective_scan(
-            flat.repeat(1, k, 1).float(),
-            dts.reshape(batch, k * di, seq_len).float(),
-            -torch.exp(self.A_logs.float()),
-            bs.float(),
-            cs.float(),
-            self.Ds.float(),
-            self.dt_projs_bias.reshape(-1).float(),
+            flat.repeat(1, self.k_group, 1).float(),
+            *self.scan_parameters(x_dbl),
             delta_softplus=True,
             cross_width=width,
         )
-        y = ys.reshape(batch, k, di, seq_len).sum(dim=1)
+        y = ys.reshape(batch, self.k_group, di, seq_len).sum(dim=1)
         return y.transpose(1, 2).reshape(batch, height, width, di).to(x.dtype)
 
     def uses_row_chunks(self, x: Tensor) -> bool:
