@@ -15,7 +15,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torchvision.transforms.v2 import Compose, Resize
 
-from anomalib_kd.components.distributed import average_batch_norm_statistics, distinct_random_streams
+from anomalib_kd.components.distributed import (
+    average_batch_norm_statistics,
+    detect_unused_parameters,
+    distinct_random_streams,
+)
 
 # Key under which the mixin records the saving class in every checkpoint (read back on loading).
 CHECKPOINT_CLASS_KEY = "anomalib_kd_model_class"
@@ -52,6 +56,7 @@ class DistillationModuleMixin:
 
     model: torch.nn.Module
     global_step: int
+    automatic_optimization: bool
     input_size: tuple[int, int] | None
     default_image_size: tuple[int, int] = (256, 256)
 
@@ -61,11 +66,17 @@ class DistillationModuleMixin:
         return PreProcessor(transform=Compose([Resize(image_size or cls.default_image_size, antialias=True)]))
 
     def setup(self, stage: str) -> None:
-        """Before fitting under DDP: one random stream per rank (see :func:`distinct_random_streams`)."""
+        """Before fitting under DDP: one random stream per rank (see :func:`distinct_random_streams`); with
+        manual optimisation (URD: teacher and student stepped by separate backward passes, each reaching
+        only its own network), DDP's unused-parameter detection."""
         super().setup(stage)  # type: ignore[misc]
         trainer = getattr(self, "_trainer", None)
         if stage == TrainerFn.FITTING and trainer is not None:
             distinct_random_streams(trainer)
+            if not self.automatic_optimization:
+                detect_unused_parameters(
+                    trainer, type(self).__name__, "its optimisers are stepped by separate backward passes"
+                )
 
     def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
         """Under DDP, the same BatchNorm running statistics on every rank (averaged over the ranks)."""

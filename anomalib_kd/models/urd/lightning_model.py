@@ -28,10 +28,8 @@ from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
-from anomalib_kd.components.distributed import detect_unused_parameters
 from anomalib_kd.components.export import OpenVINOQuantizationMixin, QuantizationRecipe
 from anomalib_kd.components.module import DistillationModuleMixin
 from anomalib_kd.components.synthesis import FOREGROUND_METHODS, URD_MVTEC_FOREGROUND, AnomalySynthesizer
@@ -180,15 +178,6 @@ class URD(OpenVINOQuantizationMixin, DistillationModuleMixin, AnomalibModule):
             long_run = kind == "visa" or (kind == "mvtecad" and category in _LONG_MVTEC_CATEGORIES)
             self.iteration_budget = _LONG_ITERATIONS if long_run else _DEFAULT_ITERATIONS
             logger.info("URD trains for %d iterations (official count for this data)", self.iteration_budget)
-
-    def setup(self, stage: str) -> None:
-        """Under DDP, let each of the two backward passes reach only its own network (teacher, student)."""
-        super().setup(stage)
-        trainer = getattr(self, "_trainer", None)
-        if stage == TrainerFn.FITTING and trainer is not None:
-            detect_unused_parameters(
-                trainer, "URD", "the teacher and the student are updated by separate backward passes"
-            )
 
     def on_train_start(self) -> None:
         """Resolve the official per-category settings; load pretrained weights once (after any
