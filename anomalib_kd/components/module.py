@@ -125,10 +125,14 @@ class DistillationModuleMixin:
         check_checkpoint_file(checkpoint_path)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
 
+    def _class_path(self) -> str:
+        """``module.Class`` of this model, as recorded in its checkpoints."""
+        return f"{type(self).__module__}.{type(self).__qualname__}"
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the saving class, so loading into another class fails with a clear error."""
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
-        checkpoint[CHECKPOINT_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint[CHECKPOINT_CLASS_KEY] = self._class_path()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint saved by another model class, naming both (before any weight is loaded).
@@ -136,7 +140,7 @@ class DistillationModuleMixin:
         Checkpoints without the class record (older ones, other anomalib models) are compared by their
         weight names: when most of this model's weights are missing, the checkpoint holds another model.
         """
-        own = f"{type(self).__module__}.{type(self).__qualname__}"
+        own = self._class_path()
         saved = checkpoint.get(CHECKPOINT_CLASS_KEY)
         state = checkpoint.get("state_dict") or {}
         if saved is None:
