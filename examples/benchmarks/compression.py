@@ -7,7 +7,7 @@ size, epochs, batch), exports it with anomalib's exporter (``to_openvino``) and 
 - ``f32``: the f32 IR, ``INFERENCE_PRECISION_HINT=f32``;
 - ``bf16``: the same IR with ``INFERENCE_PRECISION_HINT=bf16`` (OpenVINO's CPU default where supported);
 - ``fp16``: the FP16-weight IR (``compression_type=FP16``), f32 hint (weights decompressed at load);
-- ``int8``: the INT8_PTQ IR (calibration: the datamodule's validation images), f32 hint for what stays
+- ``int8``: the INT8_PTQ IR (calibration: see ``calibration_datamodule``), f32 hint for what stays
   float (this package's models keep their map head, post-processing and scan float, see
   ``anomalib_kd.components.export``; anomalib's models get the same kind of float scope here, or NNCF's
   default with ``--stock-anomalib-int8``);
@@ -65,7 +65,6 @@ CONFIGS = {
 }
 VARIANTS = ("f32", "bf16", "fp16", "int8", "int8_acq")
 PRECISION = {"f32": "f32", "bf16": "bf16", "fp16": "f32", "int8": "f32", "int8_acq": "f32"}
-DEFAULT_DATA = Path("/work/shared/data/kdbench")
 
 
 # anomalib's stock INT8_PTQ quantises the map head and post-processing too: ReverseDistillation then gives
@@ -115,6 +114,30 @@ def build(name: str, data: Path, category: str, args: argparse.Namespace) -> tup
     else:
         datamodule = KDBench(root=data, category=category, **data_args)
     return model, datamodule, int(model_args["image_size"])
+
+
+def calibration_datamodule(data: Path, category: str, size: int) -> Any:
+    """The images INT8 ranges (and INT8_ACQ's metric) are fitted on: never the test images.
+
+    kdbench's datamodule, like anomalib's MVTecAD, validates on the test set by default, and anomalib's
+    exporter calibrates on the validation loader. Here the validation split is a quarter of the training
+    normals, half of them given anomalib's synthetic (Perlin) anomalies so that calibration also sees
+    anomalous activations (ranges fitted on normals alone clipped them: docs/fidelity.md). D24FAD's IR holds
+    its supports and takes query images of the category, so it is calibrated on the same images.
+    """
+    from harness.kdbench import KDBench
+
+    datamodule = KDBench(
+        root=data, category=category, val_split_mode="synthetic", val_split_ratio=0.25,
+        train_batch_size=8, eval_batch_size=8, num_workers=0, seed=0,
+    )  # fmt: skip
+    datamodule.setup()
+    if {str(path) for path in datamodule.val_data.samples.image_path} & {
+        str(path) for path in datamodule.test_data.samples.image_path
+    }:
+        msg = "calibration images overlap the test images"
+        raise RuntimeError(msg)
+    return datamodule
 
 
 def gflops(model: torch.nn.Module, size: int) -> float:
@@ -276,11 +299,12 @@ def prepare_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         else:
             start = time.perf_counter()
             extra = {"metric": auroc_metric(), "max_drop": args.max_drop} if variant == "int8_acq" else {}
+            if variant.startswith("int8"):
+                extra["datamodule"] = calibration_datamodule(args.data, args.category, size)
             try:
                 xml = model.to_openvino(
-                    root / variant, input_size=(size, size), compression_type=compressions[variant],
-                    datamodule=datamodule, **extra,
-                )  # fmt: skip
+                    root / variant, input_size=(size, size), compression_type=compressions[variant], **extra
+                )
             except Exception as error:  # one failing variant must not lose the model's other results
                 logger.exception("%s %s: export failed", name, variant)
                 record["variants"][variant] = {"xml": "", "error": f"{type(error).__name__}: {error}"[:500]}
@@ -390,7 +414,10 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA if DEFAULT_DATA.is_dir() else None)
+    parser.add_argument(
+        "--data", type=Path, default=None,
+        help="kdbench root (default: $ANOMALIB_KD_KDBENCH, else ../shared/data/kdbench when it exists)",
+    )  # fmt: skip
     parser.add_argument("--category", default="brick")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
     parser.add_argument(
@@ -413,8 +440,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--time", type=int, default=10, help="seconds per benchmark_app run")
     parser.add_argument("--out", type=Path, default=Path("runs/compression"))
     args = parser.parse_args(argv)
-    if args.data is None:
-        parser.error("--data: no kdbench folder given and /work/shared/data/kdbench does not exist")
+    from harness.kdbench import resolve_kdbench_root
+
+    try:
+        args.data = resolve_kdbench_root(args.data)
+    except FileNotFoundError as error:
+        parser.error(str(error))
     args.variants = [v for v in args.variants.split(",") if v]
     args.redo = [v for v in args.redo.split(",") if v]
     for variant in (*args.variants, *args.redo):
