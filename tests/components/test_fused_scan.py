@@ -182,7 +182,7 @@ def cross_reference(u, delta, A, B, C, D, delta_bias, height, width):  # noqa: N
         (1, 8, 4, 3, 5, 4),  # non-square map
         (2, 24, 16, 7, 7, 4),  # 6 channels a direction: partial SIMD block
         (1, 64, 16, 16, 12, 8),  # two groups per direction
-        (1, 32, 16, 33, 65, 4),  # L = 2145: many tiles, odd sides
+        (1, 32, 16, 33, 65, 4),  # L = 2145: many chunks, odd sides
     ],
 )
 def test_cross_scan_mode_matches_reference(with_library, tmp_path, batch, d, n, height, width, groups):

@@ -15,12 +15,12 @@
 // y of every direction comes back in row-major order, ready to be summed.
 //
 // Vectorised over channels: one work item is W consecutive channels of one group (one SIMD register of
-// f32 lanes, GCC vector extensions, so the same code is AVX-512, AVX2 or SSE by -march); the state
-// (N x W) stays in registers, B_t and C_t are broadcast scalars, so each state update is one vector exp
-// and two FMAs with no horizontal reduction. The sequence is read in tiles of TILE steps, transposed
-// to step-major in a small buffer (L1-resident) and the outputs transposed back. Work items (batch x
-// channel blocks; VMamba's 4 directions are part of d) run in parallel on TBB, the library OpenVINO's CPU
-// plugin runs on, so the op uses the plugin's thread arena.
+// f32 lanes, GCC vector extensions, so the same code is AVX-512, AVX2 or SSE by -march); B_t and C_t are
+// broadcast scalars, so each state update is one vector exp and two FMAs with no horizontal reduction.
+// The sequence is read in chunks of W positions, moved to lanes by in-register transposes of contiguous
+// loads, and the outputs transposed back (scan_block). Work items (batch x channel blocks; VMamba's 4
+// directions are part of d) run in parallel on TBB, the library OpenVINO's CPU plugin runs on, so the op
+// uses the plugin's thread arena.
 //
 // Built on first use by anomalib_kd/components/ssm/fused/build.py (g++ -O3 -march=native, per-machine
 // cache). Entry points: OpenVINO extension (op + ONNX frontend conversion of anomalib_kd::SelectiveScan),
@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <utility>
 #include <openvino/core/extension.hpp>
 #include <openvino/core/op_extension.hpp>
 #include <openvino/frontend/onnx/extension/conversion.hpp>
@@ -47,7 +48,6 @@ constexpr int W = 16;
 #else
 constexpr int W = 8;
 #endif
-constexpr int TILE = 64;
 
 typedef float vf __attribute__((vector_size(W * 4)));
 typedef int32_t vi __attribute__((vector_size(W * 4)));
@@ -136,8 +136,62 @@ static inline int64_t cross_position(int64_t s, int direction, int64_t L, int64_
   return (direction & 1) ? (s % h) * w + s / h : s;
 }
 
+// In-register W x W transpose (r[i] lane j becomes r[j] lane i): log2(W) stages, each swapping the
+// off-diagonal M x M blocks of every 2M x 2M block with two-source shuffles (vpermt2ps on AVX-512).
+template <int M, int... J>
+constexpr vi swap_low(std::integer_sequence<int, J...>) {
+  return vi{((J & M) ? W + J - M : J)...};
+}
+template <int M, int... J>
+constexpr vi swap_high(std::integer_sequence<int, J...>) {
+  return vi{((J & M) ? W + J : J + M)...};
+}
+template <int M>
+static inline __attribute__((always_inline)) void swap_blocks(vf* r) {
+  constexpr vi low = swap_low<M>(std::make_integer_sequence<int, W>{});
+  constexpr vi high = swap_high<M>(std::make_integer_sequence<int, W>{});
+  for (int i = 0; i < W; ++i)
+    if (!(i & M)) {
+      const vf x = r[i], z = r[i + M];
+      r[i] = __builtin_shuffle(x, z, low);
+      r[i + M] = __builtin_shuffle(x, z, high);
+    }
+}
+static inline __attribute__((always_inline)) void transpose(vf* r) {
+  if constexpr (W == 16) swap_blocks<8>(r);
+  swap_blocks<4>(r);
+  swap_blocks<2>(r);
+  swap_blocks<1>(r);
+}
+
+// cw (<= W) consecutive positions of nv channel rows (L floats apart) from src, to lanes: out[c * stride]
+// is position c with one lane a channel (lanes >= nv zero).
+static inline void load_lanes(const float* src, int64_t L, int nv, int cw, vf* out, int64_t stride) {
+  vf r[W];
+  for (int k = 0; k < W; ++k) {
+    r[k] = vf{};
+    if (k < nv) std::memcpy(&r[k], src + k * L, cw * sizeof(float));
+  }
+  transpose(r);
+  for (int c = 0; c < cw; ++c) out[c * stride] = r[c];
+}
+
+// The inverse of load_lanes: lanes of in[c * stride] (c < cw) back to nv channel rows of dst.
+static inline void store_lanes(const vf* in, int64_t stride, float* dst, int64_t L, int nv, int cw) {
+  vf r[W];
+  for (int c = 0; c < W; ++c) r[c] = c < cw ? in[c * stride] : vf{};
+  transpose(r);
+  for (int k = 0; k < nv; ++k) std::memcpy(dst + k * L, &r[k], cw * sizeof(float));
+}
+
 // One work item: batch b, channels [c0, c0 + nv) of group g (nv <= W; missing lanes are zero: with
-// delta = u = A = 0 their state stays 0 and they are never written back).
+// u = A = 0 their state stays 0, and they are never written back).
+//
+// The sequence is read as an image of `rows` x w positions (plain scan: one row of L) in chunks of W
+// columns: one row of them for the row-major directions (plain, 0, 2), every row for the column-major
+// ones (1, 3). A chunk is transposed to lanes (one vector a position) with in-register transposes of
+// contiguous loads, scanned in the direction's order, and its outputs transposed back: hardware gathers
+// (what a compiler makes of a per-lane strided loop) cost more than the recurrence on some CPUs.
 template <int NS>
 static void scan_block(const ScanArgs& a, int64_t b, int64_t c0, int nv, int64_t g) {
   const int64_t N = NS > 0 ? NS : a.N;
@@ -165,46 +219,46 @@ static void scan_block(const ScanArgs& a, int64_t b, int64_t c0, int nv, int64_t
     if (a.delta_bias) bias[k] = a.delta_bias[c0 + k];
     if (a.D) dskip[k] = a.D[c0 + k];
   }
-  alignas(64) vf ub[TILE], db[TILE], yb[TILE];
   const float* bt = a.bt + (b * a.G + g) * L * N;  // step-major: B_t is N contiguous floats
   const float* ct = a.ct + (b * a.G + g) * L * N;
   const int64_t base = (b * a.d + c0) * L;
   const int direction = a.cross_width > 0 ? static_cast<int>(g / (a.G / 4)) : 0;
-  const int64_t rows = a.cross_width > 0 ? L / a.cross_width : 1;  // image height
-  int64_t pos[TILE];  // position of each step of the tile
-  for (int64_t t0 = 0; t0 < L; t0 += TILE) {
-    const int tt = static_cast<int>(std::min<int64_t>(TILE, L - t0));
-    for (int t = 0; t < tt; ++t) {
-      ub[t] = vf{};
-      db[t] = vf{};
-      pos[t] = a.cross_width > 0 ? cross_position(t0 + t, direction, L, rows, a.cross_width) : t0 + t;
+  const int64_t w = a.cross_width > 0 ? a.cross_width : L;  // image width
+  const int64_t rows = L / w;                                // image height
+  const bool by_column = direction & 1, reversed = direction >= 2;
+  const int64_t chunk_rows = by_column ? rows : 1;
+  const int64_t column_chunks = (w + W - 1) / W;
+  const int64_t chunks = column_chunks * (by_column ? 1 : rows);
+  std::vector<vf> ub(W * chunk_rows), db(W * chunk_rows), yb(W * chunk_rows);
+  for (int64_t q = 0; q < chunks; ++q) {
+    const int64_t chunk = reversed ? chunks - 1 - q : q;
+    const int64_t row0 = by_column ? 0 : chunk / column_chunks;
+    const int64_t j0 = (chunk % column_chunks) * W;
+    const int cw = static_cast<int>(std::min<int64_t>(W, w - j0));
+    for (int64_t r = 0; r < chunk_rows; ++r) {  // buffer index of (row r, column c): c * chunk_rows + r
+      const int64_t offset = base + (row0 + r) * w + j0;
+      load_lanes(a.u + offset, L, nv, cw, ub.data() + r, chunk_rows);
+      load_lanes(a.delta + offset, L, nv, cw, db.data() + r, chunk_rows);
     }
-    for (int k = 0; k < nv; ++k) {
-      const float* up = a.u + base + k * L;
-      const float* dp = a.delta + base + k * L;
-      for (int t = 0; t < tt; ++t) {
-        ub[t][k] = up[pos[t]];
-        db[t][k] = dp[pos[t]];
-      }
-    }
-    for (int t = 0; t < tt; ++t) {
-      vf dt = db[t] + bias;
+    const int64_t steps = cw * chunk_rows;
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t i = reversed ? steps - 1 - s : s;  // column-major in the chunk = scan order
+      const int64_t position = (row0 + i % chunk_rows) * w + j0 + i / chunk_rows;
+      vf dt = db[i] + bias;
       if (a.softplus) dt = vsoftplus(dt);
-      for (int k = nv; k < W; ++k) dt[k] = 0.0f;  // padded lanes: no decay, no input
-      const vf x = dt * ub[t];
-      vf acc = dskip * ub[t];
-      const float* bn = bt + pos[t] * N;
-      const float* cn = ct + pos[t] * N;
+      const vf x = dt * ub[i];
+      vf acc = dskip * ub[i];
+      const float* bn = bt + position * N;
+      const float* cn = ct + position * N;
+#pragma GCC unroll 16
       for (int64_t n = 0; n < N; ++n) {
         h[n] = vexp(dt * av[n]) * h[n] + x * bn[n];
         acc += h[n] * cn[n];
       }
-      yb[t] = acc;
+      yb[i] = acc;
     }
-    for (int k = 0; k < nv; ++k) {
-      float* yp = a.y + base + k * L;
-      for (int t = 0; t < tt; ++t) yp[pos[t]] = yb[t][k];
-    }
+    for (int64_t r = 0; r < chunk_rows; ++r)
+      store_lanes(yb.data() + r, chunk_rows, a.y + base + (row0 + r) * w + j0, L, nv, cw);
   }
 }
 
