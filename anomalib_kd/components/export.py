@@ -267,10 +267,11 @@ class OpenVINOQuantizationMixin:
     def _calibration_loader(datamodule: AnomalibDataModule | None, model: Model, kind: str) -> Any:
         """The datamodule's validation loader (anomalib's choice).
 
-        For MVTec-style datamodules that split is made of test images, so INT8 ranges are fitted on them
-        (docs/fidelity.md). Calibrating on the training normals alone was tried: DHKD's INT8 scores then
-        collapse to one value and D24FAD's ranking breaks (Spearman 0.38-0.54 vs f32) on the tiny test
-        data, because anomalous activations fall outside ranges fitted on normals. Open work.
+        For MVTec-style datamodules that split is made of test images, so INT8 ranges are fitted on them,
+        as anomalib's thresholds are; a validation split of the user's own avoids it (docs/fidelity.md).
+        Two leak-free defaults were tried: the training normals alone, and normals with synthetic Perlin
+        anomalies. With either, DHKD's INT8 scores collapse to one value and D24FAD's ranking breaks
+        (Spearman 0.37-0.54 vs f32) on the tests' tiny data.
         """
         if datamodule is None:
             msg = f"Datamodule must be provided for OpenVINO {kind} compression (calibration images)."
