@@ -116,7 +116,7 @@ def build(name: str, data: Path, category: str, args: argparse.Namespace) -> tup
     return model, datamodule, int(model_args["image_size"])
 
 
-def calibration_datamodule(data: Path, category: str, size: int) -> Any:
+def calibration_datamodule(data: Path, category: str) -> Any:
     """The images INT8 ranges (and INT8_ACQ's metric) are fitted on: never the test images.
 
     kdbench's datamodule, like anomalib's MVTecAD, validates on the test set by default, and anomalib's
@@ -300,7 +300,7 @@ def prepare_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             start = time.perf_counter()
             extra = {"metric": auroc_metric(), "max_drop": args.max_drop} if variant == "int8_acq" else {}
             if variant.startswith("int8"):
-                extra["datamodule"] = calibration_datamodule(args.data, args.category, size)
+                extra["datamodule"] = calibration_datamodule(args.data, args.category)
             try:
                 xml = model.to_openvino(
                     root / variant, input_size=(size, size), compression_type=compressions[variant], **extra
