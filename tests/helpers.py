@@ -44,19 +44,32 @@ def assert_varied_and_close(exported: np.ndarray, eager: np.ndarray, name: str, 
     assert np.abs(exported.reshape(eager.shape) - eager).max() < atol, name
 
 
+def f32_openvino_inferencer(xml: str | Path) -> object:
+    """anomalib's ``OpenVINOInferencer`` (CPU, f32 hint), built in a temporary working directory.
+
+    It writes OpenVINO's compile cache to ``./openvino_cache``: run from a checkout, the tests left
+    gigabytes of it there. The compiled model lives in memory, so the folder can go at once.
+    """
+    import contextlib
+    import tempfile
+
+    from anomalib.deploy import OpenVINOInferencer
+
+    xml = Path(xml).resolve()
+    with tempfile.TemporaryDirectory() as folder, contextlib.chdir(folder):
+        return OpenVINOInferencer(xml, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
+
+
 def assert_openvino_inferencer_matches_eager(model: torch.nn.Module, xml: Path, image_path: Path) -> None:
     """anomalib's OpenVINOInferencer (f32) on an image file gives the eager AnomalibModule's outputs.
 
     The model must have been trained with :data:`RAW_POST_PROCESSOR` (un-clamped outputs, checked here).
     """
     from anomalib.data.utils import read_image
-    from anomalib.deploy import OpenVINOInferencer
 
     assert model.post_processor is not None
     assert not model.post_processor.enable_normalization, "train with RAW_POST_PROCESSOR"
-    predicted = OpenVINOInferencer(xml, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"}).predict(
-        image_path
-    )
+    predicted = f32_openvino_inferencer(xml).predict(image_path)
     image = torch.from_numpy(read_image(image_path)).permute(2, 0, 1)[None].float()
     with torch.no_grad():
         eager = model.eval()(image)

@@ -25,7 +25,7 @@ from anomalib.deploy import CompressionType
 
 from anomalib_kd.components.export import QuantizationRecipe, float_op_names, onnx_module_scopes
 
-from ..helpers import make_tasks
+from ..helpers import f32_openvino_inferencer, make_tasks
 
 SIZE = 64
 MIN_SPEARMAN = 0.8
@@ -93,7 +93,6 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 )
 def test_int8_ptq_export_ranks_like_f32(name: str, tasks_root: Path, tmp_path: Path) -> None:
     from anomalib.data.utils import read_image
-    from anomalib.deploy import OpenVINOInferencer
     from anomalib.engine import Engine
 
     lightning.seed_everything(0)
@@ -112,7 +111,7 @@ def test_int8_ptq_export_ranks_like_f32(name: str, tasks_root: Path, tmp_path: P
         compression_type=CompressionType.INT8_PTQ,
         datamodule=datamodule,
     )
-    inferencer = OpenVINOInferencer(xml, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
+    inferencer = f32_openvino_inferencer(xml)
     files = sorted((tasks_root / "alpha" / "test").rglob("*.png"))
     int8 = np.array([float(inferencer.predict(f).pred_score.reshape(-1)[0]) for f in files])
     images = torch.stack([torch.from_numpy(read_image(f)).permute(2, 0, 1).float() for f in files])

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from ..helpers import f32_openvino_inferencer
+
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 32
 
@@ -55,8 +57,6 @@ def folder(tmp_path: Path) -> Path:
 def test_folder_with_a_corrupt_file_matches_openvino_inferencer(
     tiny_ir: Path, folder: Path, tmp_path: Path
 ) -> None:
-    from anomalib.deploy import OpenVINOInferencer
-
     runner = _runner()
     out = tmp_path / "out"
     summary = runner.run(tiny_ir, folder, out, overlays=True)
@@ -71,7 +71,7 @@ def test_folder_with_a_corrupt_file_matches_openvino_inferencer(
     assert [Path(row["source"]).name for row in broken] == ["002_broken.png"]
     assert broken[0]["score"] == ""
 
-    inferencer = OpenVINOInferencer(tiny_ir, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
+    inferencer = f32_openvino_inferencer(tiny_ir)
     scores = []
     for row in rows:
         if row["error"]:

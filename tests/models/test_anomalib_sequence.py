@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from ..helpers import f32_openvino_inferencer
+
 SIZE = 64
 CATEGORY = "bottle"
 
@@ -107,7 +109,7 @@ def test_anomalib_model_sequence(
 ) -> None:
     import openvino as ov
     from anomalib.data import MVTecAD
-    from anomalib.deploy import ExportType, OpenVINOInferencer, TorchInferencer
+    from anomalib.deploy import ExportType, TorchInferencer
     from anomalib.engine import Engine
 
     build, train_batch_size = MODELS[name]
@@ -165,9 +167,7 @@ def test_anomalib_model_sequence(
     xml = engine.export(
         model, ExportType.OPENVINO, export_root=exports, ckpt_path=ckpt, input_size=(SIZE, SIZE)
     )
-    ov_prediction = OpenVINOInferencer(
-        path=xml, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"}
-    ).predict(image)
+    ov_prediction = f32_openvino_inferencer(xml).predict(image)
     assert np.isfinite(ov_prediction.pred_score).all()
     # the OpenVINO export scores the image as the torch export does
     np.testing.assert_allclose(
