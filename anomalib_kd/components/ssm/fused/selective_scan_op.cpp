@@ -130,12 +130,6 @@ struct ScanArgs {
   int64_t cross_width;  // 0: plain scan; w > 0: SS2D cross-scan over an (L / w) x w image (see top)
 };
 
-// Position of step s of scan direction `direction` (0-3) over an h x w row-major image, L = h w.
-static inline int64_t cross_position(int64_t s, int direction, int64_t L, int64_t h, int64_t w) {
-  if (direction >= 2) s = L - 1 - s;
-  return (direction & 1) ? (s % h) * w + s / h : s;
-}
-
 // In-register W x W transpose (r[i] lane j becomes r[j] lane i): log2(W) stages, each swapping the
 // off-diagonal M x M blocks of every 2M x 2M block with two-source shuffles (vpermt2ps on AVX-512).
 template <int M, int... J>
