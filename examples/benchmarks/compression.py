@@ -287,6 +287,7 @@ def prepare_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "f32": None, "fp16": CompressionType.FP16, "int8": CompressionType.INT8_PTQ,
         "int8_acq": CompressionType.INT8_ACQ,
     }  # fmt: skip
+    calibration = None
     for variant in wanted:
         entry = record["variants"].get(variant, {})
         if entry and variant not in redo and Path(entry["xml"]).is_file():
@@ -300,7 +301,9 @@ def prepare_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             start = time.perf_counter()
             extra = {"metric": auroc_metric(), "max_drop": args.max_drop} if variant == "int8_acq" else {}
             if variant.startswith("int8"):
-                extra["datamodule"] = calibration_datamodule(args.data, args.category)
+                if calibration is None:  # once per model: int8 and int8_acq calibrate on the same images
+                    calibration = calibration_datamodule(args.data, args.category)
+                extra["datamodule"] = calibration
             try:
                 xml = model.to_openvino(
                     root / variant, input_size=(size, size), compression_type=compressions[variant], **extra
