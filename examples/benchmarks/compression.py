@@ -131,7 +131,16 @@ def calibration_datamodule(data: Path, category: str) -> Any:
         root=data, category=category, val_split_mode="synthetic", val_split_ratio=0.25,
         train_batch_size=8, eval_batch_size=8, num_workers=0, seed=0,
     )  # fmt: skip
-    datamodule.setup()
+    # anomalib picks the images to make anomalous with numpy's global RNG and draws the anomalies with
+    # torch's: seeded here (and restored after) so that every run calibrates on the same images.
+    numpy_state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        np.random.seed(0)
+        try:
+            datamodule.setup()
+        finally:
+            np.random.set_state(numpy_state)
     if {str(path) for path in datamodule.val_data.samples.image_path} & {
         str(path) for path in datamodule.test_data.samples.image_path
     }:
