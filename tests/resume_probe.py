@@ -40,7 +40,11 @@ class ResumeProbe(Callback):
         torch.save(fingerprint(pl_module.state_dict()), self.folder / "test.pt")
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        (self.folder / "progress").write_text(str(trainer.global_step))
+        # written aside and renamed: the test polls this file, and a plain write_text has an empty moment
+        # (truncated, not yet written) that read as "no progress" and once let a SIGKILL test kill too early
+        partial = self.folder / "progress.partial"
+        partial.write_text(str(trainer.global_step))
+        os.replace(partial, self.folder / "progress")
 
 
 def fingerprint(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:

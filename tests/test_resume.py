@@ -114,7 +114,8 @@ def _interrupt_and_resume(
         if kill == signal.SIGKILL:
             # kill between two periodic saves, after the first one
             _wait(run0.exists, process, log)
-            _wait(lambda: _progress(first_probe) % every_n_train_steps != 0, process, log)
+            between_saves = lambda: (step := _progress(first_probe)) > 0 and step % every_n_train_steps != 0  # noqa: E731
+            _wait(between_saves, process, log)
         else:  # SIGTERM before any periodic save (every_n_train_steps is larger): the SIGTERM save is the one
             _wait(lambda: _progress(first_probe) >= 3, process, log)
             assert not run0.exists()
@@ -132,7 +133,9 @@ def _interrupt_and_resume(
     if kill == signal.SIGTERM:  # saved on SIGTERM, at the step Lightning finished after the signal
         assert saved_step >= killed_after >= 3, (saved_step, killed_after)
     else:
-        assert 0 < saved_step <= killed_after, (saved_step, killed_after)
+        # the last step the killed process finished (a step may have ended between reading and killing)
+        stopped_at = _progress(first_probe)
+        assert 0 < saved_step <= stopped_at, (saved_step, killed_after, stopped_at)
     assert saved_step < final_step, "killed too late to test a resume"
 
     latest = run0.parents[3] / "latest" / "weights" / "lightning" / "model.ckpt"
