@@ -12,7 +12,11 @@ size, epochs, batch), exports it with anomalib's exporter (``to_openvino``) and 
   ``anomalib_kd.components.export``; anomalib's models get the same kind of float scope here, or NNCF's
   default with ``--stock-anomalib-int8``);
 - ``int8_acq``: INT8_ACQ (``nncf.quantize_with_accuracy_control``) with image AUROC as the metric and
-  ``--max-drop``: ops whose quantisation costs the most AUROC go back to float until the drop is met.
+  ``--max-drop``: ops whose quantisation costs the most AUROC go back to float until the drop is met;
+- ``f32_fused`` / ``int8_fused`` (PDD and DHKD, the models with a selective scan): the same two exports
+  with the scan as the fused operator (``anomalib_kd.components.ssm.fused.export_openvino``), timed with
+  the extension loaded (``benchmark_app -extensions``). Their speed-up is against ``f32_fused`` (the same
+  scan in both); AUROC drops, like every variant's, against the portable f32 IR.
 
 Two stages, so the long part can run on a busy machine and the timing on an idle one:
 
@@ -63,8 +67,9 @@ CONFIGS = {
     "ReverseDistillation": "reverse_distillation",
     "EfficientAd": "efficientad",
 }
-VARIANTS = ("f32", "bf16", "fp16", "int8", "int8_acq")
-PRECISION = {"f32": "f32", "bf16": "bf16", "fp16": "f32", "int8": "f32", "int8_acq": "f32"}
+VARIANTS = ("f32", "bf16", "fp16", "int8", "int8_acq", "f32_fused", "int8_fused")
+PRECISION = {v: "bf16" if v == "bf16" else "f32" for v in VARIANTS}
+SCAN_MODELS = ("PDD", "DHKD")  # the fused variants apply to these
 
 
 # anomalib's stock INT8_PTQ quantises the map head and post-processing too: ReverseDistillation then gives
@@ -159,6 +164,12 @@ def gflops(model: torch.nn.Module, size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def _is_fused(xml: Path) -> bool:
+    from anomalib_kd.components.ssm.fused import FUSED_OP_TYPE
+
+    return f'type="{FUSED_OP_TYPE}"' in xml.read_text(errors="ignore")
+
+
 def benchmark_app(xml: Path, hint: str, precision: str, seconds: int, size: int) -> dict[str, float]:
     """OpenVINO's benchmark_app at batch 1 per request: median latency (ms) and throughput (FPS)."""
     command = [
@@ -166,6 +177,10 @@ def benchmark_app(xml: Path, hint: str, precision: str, seconds: int, size: int)
         "-m", str(xml), "-d", "CPU", "-hint", hint, "-t", str(seconds), "-infer_precision", precision,
         "-shape", f"[1,3,{size},{size}]",
     ]  # fmt: skip
+    if _is_fused(xml):
+        from anomalib_kd.components.ssm.fused import extension_path
+
+        command += ["-extensions", str(extension_path())]
     out = subprocess.run(command, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         msg = f"benchmark_app failed ({xml}, {hint}, {precision}):\n{out.stdout[-1500:]}{out.stderr[-999:]}"
@@ -181,7 +196,10 @@ def aurocs(xml: Path, precision: str, datamodule: Any, size: int) -> tuple[float
     import openvino as ov
     from sklearn.metrics import roc_auc_score
 
-    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": precision})
+    from anomalib_kd.components.ssm.fused import read_model
+
+    core = ov.Core()
+    compiled = core.compile_model(read_model(xml, core), "CPU", {"INFERENCE_PRECISION_HINT": precision})
     names = {port.get_any_name(): port for port in compiled.outputs}
     scores, labels, maps, masks = [], [], [], []
     for batch in datamodule.test_dataloader():
@@ -280,7 +298,7 @@ def prepare_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     root = args.out / name
     record = _load_json(root / "prepare.json")
-    wanted = [v for v in args.variants if v in VARIANTS]
+    wanted = [v for v in args.variants if v in VARIANTS and (name in SCAN_MODELS or "fused" not in v)]
     redo = set(args.redo)
     done = record.get("variants", {})
     if "model" not in redo and all(
@@ -292,9 +310,11 @@ def prepare_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     record.setdefault("variants", {})
     if "gflop_per_image" not in record:
         record["gflop_per_image"] = round(gflops(model, size), 3)
+    from anomalib_kd.components.ssm.fused import export_openvino
+
     compressions = {
         "f32": None, "fp16": CompressionType.FP16, "int8": CompressionType.INT8_PTQ,
-        "int8_acq": CompressionType.INT8_ACQ,
+        "int8_acq": CompressionType.INT8_ACQ, "f32_fused": None, "int8_fused": CompressionType.INT8_PTQ,
     }  # fmt: skip
     calibration = None
     for variant in wanted:
@@ -314,9 +334,13 @@ def prepare_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                     calibration = calibration_datamodule(args.data, args.category)
                 extra["datamodule"] = calibration
             try:
-                xml = model.to_openvino(
-                    root / variant, input_size=(size, size), compression_type=compressions[variant], **extra
-                )
+                xml = export_openvino(
+                    model, root / variant, (size, size), fused=variant.endswith("_fused"),
+                    compression_type=compressions[variant], **extra,
+                )  # fmt: skip
+                if variant.endswith("_fused") and not _is_fused(xml):
+                    msg = "the fused-scan extension is unavailable: the IR has the portable scan"
+                    raise RuntimeError(msg)
             except Exception as error:  # one failing variant must not lose the model's other results
                 logger.exception("%s %s: export failed", name, variant)
                 record["variants"][variant] = {"xml": "", "error": f"{type(error).__name__}: {error}"[:500]}
@@ -373,13 +397,14 @@ def rows_for(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     root = args.out / name
     record, measured = _load_json(root / "prepare.json"), _load_json(root / "measure.json")
     variants = record.get("variants", {})
-    reference, reference_time = variants.get("f32", {}), measured.get("f32", {})
+    reference = variants.get("f32", {})
     rows = []
     for variant in VARIANTS:
         entry = variants.get(variant)
         if not entry or variant not in args.variants:
             continue
         timing = measured.get(variant, {})
+        reference_time = measured.get("f32_fused" if variant.endswith("_fused") else "f32", {})
         row: dict[str, Any] = {
             "model": name, "variant": variant, "image_size": record["settings"]["image_size"],
             "train_s": record.get("train_s"), "gflop_per_image": record.get("gflop_per_image"),
@@ -436,7 +461,9 @@ def main(argv: list[str] | None = None) -> None:
         "--stage", choices=("prepare", "measure", "all"), default="all",
         help="prepare: train, export, AUROC (load-independent); measure: benchmark_app + table; all: both",
     )  # fmt: skip
-    parser.add_argument("--variants", default="f32,bf16,fp16,int8,int8_acq", help=f"subset of {VARIANTS}")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"subset of {VARIANTS} (fused ones: PDD, DHKD only)"
+    )
     parser.add_argument(
         "--redo", default="", help="variants to export/measure again although done ('model': retrain too)"
     )

@@ -14,6 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -390,3 +391,30 @@ def test_fused_ir_of_models_matches_eager(with_library, tmp_path, model_name):
         ref = getattr(expected, name).float()
         out = torch.from_numpy(outputs[i]).float()
         assert (out - ref).abs().max().item() <= 1e-3 * max(ref.abs().max().item(), 1e-6), name
+
+
+@pytest.mark.heavy
+def test_int8_ptq_fused_export_ranks_like_f32(with_library, tmp_path):
+    """PDD's INT8_PTQ export with the fused scan: the op stays (float), the rest is quantised, and the
+    tiny model's scores rank like eager f32 (the INT8 tests' tolerance, tests/components/test_export.py).
+
+    Heavy: a short PDD training and an NNCF pass, about a minute on 2 cores.
+    """
+    from anomalib.deploy import CompressionType
+
+    from ..helpers import make_tasks
+    from .test_export import SIZE, assert_ranks_like_f32, tiny_test_images, trained_tiny_model
+
+    tasks_root = make_tasks(tmp_path / "tasks", names=("alpha", "beta"), sizes=(SIZE,), n_test=6)
+    model, datamodule = trained_tiny_model("pdd", tasks_root, tmp_path)
+    xml = export_openvino(
+        model, tmp_path / "int8", (SIZE, SIZE), fused=True, compression_type=CompressionType.INT8_PTQ,
+        datamodule=datamodule,
+    )  # fmt: skip
+    text = xml.read_text()
+    assert 'type="SelectiveScan"' in text
+    assert 'type="FakeQuantize"' in text, "nothing was quantised"
+    compiled = ov.Core().compile_model(read_model(xml), "CPU", F32)
+    _, images = tiny_test_images(tasks_root)
+    int8 = np.array([float(compiled(image[None].numpy())["pred_score"].reshape(-1)[0]) for image in images])
+    assert_ranks_like_f32("pdd (fused scan)", model, int8, images)

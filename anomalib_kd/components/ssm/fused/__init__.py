@@ -119,22 +119,41 @@ def export_openvino(
     fused: bool = False,
     model_file_name: str = "model",
     onnx_kwargs: dict[str, Any] | None = None,
+    compression_type: Any = None,
+    datamodule: Any = None,
+    metric: Any = None,
+    task: Any = None,
+    max_drop: float = 0.01,
 ) -> Path:
-    """Export an anomalib module to an OpenVINO IR in ``export_root/weights/openvino`` (f32).
+    """Export an anomalib module to an OpenVINO IR in ``export_root/weights/openvino``.
 
     ``fused=False`` is anomalib's ``to_openvino`` (portable). ``fused=True`` exports every selective scan
     as the fused op: anomalib's ``to_onnx`` with the custom-domain node, then ``ov.convert_model`` with the
     extension (its ONNX frontend conversion). If the extension is unavailable, the portable IR is written
     instead (one warning logged). Load a fused IR with :func:`read_model` or :func:`add_extension`.
+
+    ``compression_type`` (anomalib's ``CompressionType``; with ``datamodule``, ``metric``, ``task``,
+    ``max_drop`` as in ``to_openvino``) compresses either IR the way anomalib's exporter does: FP16 weights,
+    or the model's own ``_compress_ov_model`` (NNCF, with the model's float scope,
+    :class:`~anomalib_kd.components.export.OpenVINOQuantizationMixin`). NNCF compiles the graph for its
+    statistics; the fused op carries its own implementation, so that works in NNCF's own ``ov.Core``.
     """
     import tempfile
 
     import openvino as ov
+    from anomalib.deploy import CompressionType
 
     onnx_kwargs = dict(onnx_kwargs or {})
     library = extension_path() if fused else None
     if library is None:
-        return model.to_openvino(export_root, model_file_name, input_size, onnx_kwargs=onnx_kwargs or None)
+        compression = {
+            "compression_type": compression_type, "datamodule": datamodule, "metric": metric, "task": task,
+            "max_drop": max_drop,
+        }  # fmt: skip
+        return model.to_openvino(
+            export_root, model_file_name, input_size, onnx_kwargs=onnx_kwargs or None,
+            **(compression if compression_type is not None else {}),
+        )  # fmt: skip
     onnx_kwargs["custom_translation_table"] = {
         **onnx_translation_table(),
         **onnx_kwargs.get("custom_translation_table", {}),
@@ -144,8 +163,11 @@ def export_openvino(
     with tempfile.TemporaryDirectory() as tmp, use_fused_scan():
         onnx_path = model.to_onnx(tmp, model_file_name, input_size, **onnx_kwargs)
         ov_model = ov.convert_model(onnx_path, extension=str(library))
+    fp16 = compression_type == CompressionType.FP16
+    if compression_type is not None and not fp16:  # before the renaming: the float scope maps node names
+        ov_model = model._compress_ov_model(ov_model, compression_type, datamodule, metric, task, max_drop)
     count = _annotate_fused_nodes(ov_model, library)
     logger.info("Fused OpenVINO IR: %d selective scans as %s", count, FUSED_OP_TYPE)
     xml = out_dir / f"{model_file_name}.xml"
-    ov.save_model(ov_model, xml, compress_to_fp16=False)
+    ov.save_model(ov_model, xml, compress_to_fp16=fp16)
     return xml
