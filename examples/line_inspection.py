@@ -16,6 +16,8 @@
 - D24FAD with swappable supports (``python -m anomalib_kd.tools.d24fad_supports export``): ``--supports
   line_b.npz`` feeds that support-feature file's arrays as the IR's ``support_*`` inputs of every request,
   so swapping the reference images of a line is swapping the file.
+- An IR exported with the fused selective scan (``export_openvino(..., fused=True)``, PDD and DHKD) is read
+  with its OpenVINO extension (``anomalib_kd.components.ssm.fused.read_model``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import cv2
 import numpy as np
 import openvino as ov
 from tqdm.auto import tqdm
+
+from anomalib_kd.components.ssm.fused import read_model
 
 logger = logging.getLogger("line_inspection")
 
@@ -170,7 +174,7 @@ def run(
     ``supports``: a D24FAD support-feature file for an IR exported with swappable supports.
     """
     core = ov.Core()
-    model = core.read_model(xml)
+    model = read_model(xml, core)  # a fused-scan IR gets its extension (built on first use)
     extra_inputs = support_inputs(model, supports, xml)
     size = input_size(model)
     config: dict[str, str] = {"PERFORMANCE_HINT": "THROUGHPUT"}

@@ -34,6 +34,8 @@ models (tens of minutes on 2 cores at the default budget).
     python examples/benchmarks/compression.py --stage prepare --category brick --out runs/compression
     python examples/benchmarks/compression.py --stage measure --out runs/compression   # on an idle machine
     python examples/benchmarks/compression.py --models URD,DHKD --image-size 64 --max-epochs 1 --time 5
+    # D24FAD on a one-class Fashion-MNIST task (its other classes are the training tasks; no pixel masks)
+    python examples/benchmarks/compression.py --models D24FAD --data <kdbench>/fmnist --category trouser
 """
 
 from __future__ import annotations
@@ -128,14 +130,25 @@ def calibration_datamodule(data: Path, category: str) -> Any:
     exporter calibrates on the validation loader. Here the validation split is a quarter of the training
     normals, half of them given anomalib's synthetic (Perlin) anomalies so that calibration also sees
     anomalous activations (ranges fitted on normals alone clipped them: docs/fidelity.md). D24FAD's IR holds
-    its supports and takes query images of the category, so it is calibrated on the same images.
+    its supports and takes query images of the category, so it is calibrated on the same images. A
+    category without pixel masks (``--data <kdbench>/fmnist --category trouser``: one-class tasks) is read
+    with anomalib's ``Folder`` (normals ``train/good``, test ``test/good`` and the other ``test/*`` folders).
     """
+    from anomalib.data import Folder
     from harness.kdbench import KDBench
 
-    datamodule = KDBench(
-        root=data, category=category, val_split_mode="synthetic", val_split_ratio=0.25,
-        train_batch_size=8, eval_batch_size=8, num_workers=0, seed=0,
-    )  # fmt: skip
+    split = {"val_split_mode": "synthetic", "val_split_ratio": 0.25, "seed": 0}
+    loaders = {"train_batch_size": 8, "eval_batch_size": 8, "num_workers": 0}
+    folder = data / category
+    if (folder / "ground_truth").is_dir():
+        datamodule = KDBench(root=data, category=category, **split, **loaders)
+    else:
+        tests = (folder / "test").iterdir()
+        abnormal = sorted(f"test/{p.name}" for p in tests if p.is_dir() and p.name != "good")
+        datamodule = Folder(
+            name=category, root=folder, normal_dir="train/good", normal_test_dir="test/good",
+            abnormal_dir=abnormal, **split, **loaders,
+        )  # fmt: skip
     # anomalib picks the images to make anomalous with numpy's global RNG and draws the anomalies with
     # torch's: seeded here (and restored after) so that every run calibrates on the same images.
     numpy_state = np.random.get_state()

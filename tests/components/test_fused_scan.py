@@ -7,6 +7,7 @@ everywhere.
 
 from __future__ import annotations
 
+import csv
 import importlib
 import logging
 import os
@@ -396,7 +397,8 @@ def test_fused_ir_of_models_matches_eager(with_library, tmp_path, model_name):
 @pytest.mark.heavy
 def test_int8_ptq_fused_export_ranks_like_f32(with_library, tmp_path):
     """PDD's INT8_PTQ export with the fused scan: the op stays (float), the rest is quantised, and the
-    tiny model's scores rank like eager f32 (the INT8 tests' tolerance, tests/components/test_export.py).
+    tiny model's scores rank like eager f32 (the INT8 tests' tolerance, tests/components/test_export.py);
+    the line runner (examples/line_inspection.py) reads that IR and gives its scores.
 
     Heavy: a short PDD training and an NNCF pass, about a minute on 2 cores.
     """
@@ -415,6 +417,20 @@ def test_int8_ptq_fused_export_ranks_like_f32(with_library, tmp_path):
     assert 'type="SelectiveScan"' in text
     assert 'type="FakeQuantize"' in text, "nothing was quantised"
     compiled = ov.Core().compile_model(read_model(xml), "CPU", F32)
-    _, images = tiny_test_images(tasks_root)
+    files, images = tiny_test_images(tasks_root)
     int8 = np.array([float(compiled(image[None].numpy())["pred_score"].reshape(-1)[0]) for image in images])
     assert_ranks_like_f32("pdd (fused scan)", model, int8, images)
+
+    # The line runner reads the fused IR (adds the extension) and scores the files like the compiled IR.
+    from ..examples.test_line_inspection import _runner
+
+    folder = tmp_path / "line"
+    folder.mkdir()
+    for file in files:
+        shutil.copy(file, folder / f"{file.parent.name}_{file.name}")
+    summary = _runner().run(xml, folder, tmp_path / "line_out")
+    assert summary.inspected == len(files) and not summary.unreadable
+    with (tmp_path / "line_out" / "verdicts.csv").open() as handle:
+        by_name = {Path(row["source"]).name: float(row["score"]) for row in csv.DictReader(handle)}
+    line = np.array([by_name[f"{file.parent.name}_{file.name}"] for file in files])
+    np.testing.assert_allclose(line, int8, rtol=1e-4, atol=1e-5)
