@@ -83,15 +83,6 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "urd",
-        "d24fad",
-        pytest.param("dhkd", marks=pytest.mark.heavy),  # minutes on 2 cores: `.ci/run` runs `-m heavy`
-        pytest.param("pdd", marks=pytest.mark.heavy),
-    ],
-)
 def trained_tiny_model(name: str, tasks_root: Path, tmp_path: Path) -> tuple[Any, Any]:
     """``name`` trained for one short epoch on the tiny tasks, and its datamodule (calibration images)."""
     from anomalib.engine import Engine
