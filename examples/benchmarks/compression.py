@@ -177,22 +177,16 @@ def gflops(model: torch.nn.Module, size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def _is_fused(xml: Path) -> bool:
-    from anomalib_kd.components.ssm.fused import FUSED_OP_TYPE
-
-    return f'type="{FUSED_OP_TYPE}"' in xml.read_text(errors="ignore")
-
-
 def benchmark_app(xml: Path, hint: str, precision: str, seconds: int, size: int) -> dict[str, float]:
     """OpenVINO's benchmark_app at batch 1 per request: median latency (ms) and throughput (FPS)."""
+    from anomalib_kd.components.ssm.fused import extension_path, is_fused_ir
+
     command = [
         str(Path(sys.executable).parent / "benchmark_app"),
         "-m", str(xml), "-d", "CPU", "-hint", hint, "-t", str(seconds), "-infer_precision", precision,
         "-shape", f"[1,3,{size},{size}]",
     ]  # fmt: skip
-    if _is_fused(xml):
-        from anomalib_kd.components.ssm.fused import extension_path
-
+    if is_fused_ir(xml):
         command += ["-extensions", str(extension_path())]
     out = subprocess.run(command, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -323,11 +317,12 @@ def prepare_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     record.setdefault("variants", {})
     if "gflop_per_image" not in record:
         record["gflop_per_image"] = round(gflops(model, size), 3)
-    from anomalib_kd.components.ssm.fused import export_openvino
+    from anomalib_kd.components.ssm.fused import export_openvino, is_fused_ir
 
+    # a fused variant is its base variant's compression with the fused scan
     compressions = {
         "f32": None, "fp16": CompressionType.FP16, "int8": CompressionType.INT8_PTQ,
-        "int8_acq": CompressionType.INT8_ACQ, "f32_fused": None, "int8_fused": CompressionType.INT8_PTQ,
+        "int8_acq": CompressionType.INT8_ACQ,
     }  # fmt: skip
     calibration = None
     for variant in wanted:
@@ -347,11 +342,12 @@ def prepare_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                     calibration = calibration_datamodule(args.data, args.category)
                 extra["datamodule"] = calibration
             try:
+                fused = variant.endswith("_fused")
                 xml = export_openvino(
-                    model, root / variant, (size, size), fused=variant.endswith("_fused"),
-                    compression_type=compressions[variant], **extra,
+                    model, root / variant, (size, size), fused=fused,
+                    compression_type=compressions[variant.removesuffix("_fused")], **extra,
                 )  # fmt: skip
-                if variant.endswith("_fused") and not _is_fused(xml):
+                if fused and not is_fused_ir(xml):
                     msg = "the fused-scan extension is unavailable: the IR has the portable scan"
                     raise RuntimeError(msg)
             except Exception as error:  # one failing variant must not lose the model's other results

@@ -292,7 +292,9 @@ class _TinyScanModule(torch.nn.Module):
         torch.onnx.export(self, (torch.randn(1, *input_size, 8),), str(path), dynamo=True, **kwargs)
         return path
 
-    def to_openvino(self, root, name, input_size, onnx_kwargs=None):
+    def to_openvino(self, root, name, input_size, compression_type=None, datamodule=None, metric=None,
+                    task=None, max_drop=0.01, ov_kwargs=None, onnx_kwargs=None):  # fmt: skip
+        assert compression_type is None, "the tiny module is exported in f32 only"
         xml = Path(root) / "weights" / "openvino" / f"{name}.xml"
         xml.parent.mkdir(parents=True, exist_ok=True)
         ov.save_model(ov.convert_model(self.to_onnx(root, name, input_size, **(onnx_kwargs or {}))), xml)

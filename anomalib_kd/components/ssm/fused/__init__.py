@@ -74,6 +74,11 @@ def add_extension(core: Any) -> Path:
     return path
 
 
+def is_fused_ir(xml: str | Path) -> bool:
+    """Whether the IR ``xml`` holds the fused selective-scan op (and so needs the extension to be read)."""
+    return f'type="{FUSED_OP_TYPE}"' in Path(xml).read_text(errors="ignore")
+
+
 def read_model(xml: str | Path, core: Any = None) -> Any:
     """``core.read_model(xml)`` for portable and fused IRs alike (adds the extension when the IR needs it).
 
@@ -82,8 +87,7 @@ def read_model(xml: str | Path, core: Any = None) -> Any:
     import openvino as ov
 
     core = core if core is not None else ov.Core()
-    text = Path(xml).read_text(errors="ignore")
-    if f'type="{FUSED_OP_TYPE}"' in text:
+    if is_fused_ir(xml):
         try:
             add_extension(core)
         except RuntimeError as exc:
@@ -146,13 +150,10 @@ def export_openvino(
     onnx_kwargs = dict(onnx_kwargs or {})
     library = extension_path() if fused else None
     if library is None:
-        compression = {
-            "compression_type": compression_type, "datamodule": datamodule, "metric": metric, "task": task,
-            "max_drop": max_drop,
-        }  # fmt: skip
         return model.to_openvino(
-            export_root, model_file_name, input_size, onnx_kwargs=onnx_kwargs or None,
-            **(compression if compression_type is not None else {}),
+            export_root, model_file_name, input_size, compression_type=compression_type,
+            datamodule=datamodule, metric=metric, task=task, max_drop=max_drop,
+            onnx_kwargs=onnx_kwargs or None,
         )  # fmt: skip
     onnx_kwargs["custom_translation_table"] = {
         **onnx_translation_table(),
