@@ -17,6 +17,8 @@ each on 2 cores: marked heavy (``.ci/run`` runs them after the suite).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +94,22 @@ def _model(name: str) -> object:
     return getattr(anomalib_kd, name)(**MODELS[name][2])
 
 
+@contextmanager
+def _rank_threads() -> Iterator[None]:
+    """Recompute with the ranks' thread count (``OMP_NUM_THREADS=1`` below).
+
+    Another thread count changes the order of float sums; D24FAD's map, 1 - cos ~ 1e-3, magnifies that
+    to ~1e-3 relative, and a threshold can then land on a neighbouring pixel's score (seen in CI:
+    1.2e-6 apart). With the same thread count the values here are equal bit for bit.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(
         actual.double(), expected.double(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}"
@@ -112,9 +130,11 @@ def _dhkd_statistics(model: object, datamodule: object) -> dict[str, torch.Tenso
 
     datamodule.setup()
     held_out = model._hold_out_training_images(datamodule)  # the same seeded split as the fit's
-    train = datamodule.train_data
-    mean, std = model.teacher_channel_mean_std(DataLoader(train, batch_size=4, collate_fn=train.collate_fn))
-    quantiles = model.map_norm_quantiles(DataLoader(held_out, batch_size=4, collate_fn=held_out.collate_fn))
+    train = DataLoader(datamodule.train_data, batch_size=4, collate_fn=datamodule.train_data.collate_fn)
+    normals = DataLoader(held_out, batch_size=4, collate_fn=held_out.collate_fn)
+    with _rank_threads():
+        mean, std = model.teacher_channel_mean_std(train)
+        quantiles = model.map_norm_quantiles(normals)
     return {
         "model.teacher_mean": mean.view(1, -1, 1, 1),
         "model.teacher_std": std.view(1, -1, 1, 1),
@@ -137,7 +157,8 @@ def _validated_state(
         enable_progress_bar=False,
         default_root_dir=tmp_path / "val",
     )
-    engine.validate(model, datamodule=_datamodule(root, MODELS[name][3]))
+    with _rank_threads():
+        engine.validate(model, datamodule=_datamodule(root, MODELS[name][3]))
     return {key: value.detach().cpu() for key, value in model.state_dict().items()}, model
 
 
