@@ -73,6 +73,7 @@ MODELS: dict[str, tuple[str, list[str], dict, int]] = {
     ),
 }
 STEPS = 4
+RANK_THREADS = 1  # per rank: two ranks on two cores
 
 
 def _data_args(root: Path, train_batch_size: int) -> list[str]:
@@ -96,14 +97,14 @@ def _model(name: str) -> object:
 
 @contextmanager
 def _rank_threads() -> Iterator[None]:
-    """Recompute with the ranks' thread count (``OMP_NUM_THREADS=1`` below).
+    """Recompute with the ranks' thread count (``RANK_THREADS``).
 
     Another thread count changes the order of float sums; D24FAD's map, 1 - cos ~ 1e-3, magnifies that
     to ~1e-3 relative, and a threshold can then land on a neighbouring pixel's score (seen in CI:
     1.2e-6 apart). With the same thread count the values here are equal bit for bit.
     """
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(RANK_THREADS)
     try:
         yield
     finally:
@@ -181,7 +182,7 @@ def test_ddp_training_matches_ranks_and_single_process(
         cwd=tmp_path,
         env={
             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-            "OMP_NUM_THREADS": "1",  # two ranks on two cores
+            "OMP_NUM_THREADS": str(RANK_THREADS),
         },
     )  # fmt: skip
     assert "image_AUROC" in result.stdout, f"{name}: the DDP run printed no test metrics"
