@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
+
+LINE_INSPECTION = Path(__file__).resolve().parents[1] / "examples" / "line_inspection.py"
+
+
+def load_script(path: Path) -> ModuleType:
+    """A script outside the package (``examples/``) imported from its file, as module ``path.stem``.
+
+    Registered in ``sys.modules`` before it runs: its dataclasses look their module up there.
+    """
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def console_script(name: str = "anomalib") -> str:

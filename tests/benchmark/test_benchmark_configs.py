@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from harness import BudgetedEfficientAd, register_harness
 from harness.kdbench import KDBENCH_CATEGORIES, KDBENCH_ENV
 
 from anomalib_kd import D24FAD, DHKD, PDD, URD
-from tests.helpers import make_tasks, run_cli
+from tests.helpers import load_script, make_tasks, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS = REPO / "examples" / "benchmarks"
@@ -102,16 +101,9 @@ def test_stock_benchmark_runs_efficientad_offline(tiny_kdbench: Path, tmp_path: 
     assert len(list((cache / "efficientad_penalty" / "images").glob("*.png"))) >= 5
 
 
-def _load_suite() -> object:
-    spec = importlib.util.spec_from_file_location("suite", BENCHMARKS / "suite.py")
-    suite = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(suite)
-    return suite
-
-
 def test_suite_runs_one_job_per_process() -> None:
     """suite.py splits each config into single (category, seed) jobs, none lost or doubled."""
-    suite = _load_suite()
+    suite = load_script(BENCHMARKS / "suite.py")
     for config in SUITE:
         expected = {_category_and_seed(job) for job in _jobs(config)}
         split = suite.single_job_configs(config, None, None)
@@ -124,7 +116,7 @@ def test_suite_runs_one_job_per_process() -> None:
 
 def test_suite_resume_keeps_finished_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--resume reuses a job's results CSV and starts only the jobs without one."""
-    suite = _load_suite()
+    suite = load_script(BENCHMARKS / "suite.py")
     finished = tmp_path / "runs" / "patchcore" / "brick_seed0" / "runs" / "benchmark" / "2026-01-01"
     finished.mkdir(parents=True)
     (finished / "results.csv").write_text("model,seed\n")
@@ -151,7 +143,7 @@ def _jobs_of(config: dict) -> list[dict]:
 def test_runner_jobs_get_the_allocator_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Patchcore's coreset loop needs glibc's fixed mmap threshold (else: OOM at 24 GB inside the
     benchmark): the suite sets it in each job's environment, no model class touches the allocator."""
-    suite = _load_suite()
+    suite = load_script(BENCHMARKS / "suite.py")
     seen = []
     monkeypatch.setattr(suite.subprocess, "call", lambda command, env, **_: seen.append((command, env)) or 1)
     args = argparse.Namespace(

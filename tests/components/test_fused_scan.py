@@ -31,6 +31,7 @@ from anomalib_kd.components.ssm.fused import (
     use_fused_scan,
 )
 
+from ..helpers import LINE_INSPECTION, load_script, make_tasks
 from .test_selective_scan import make_inputs, reference_scan, rel_err
 
 build = importlib.import_module("anomalib_kd.components.ssm.fused.build")
@@ -406,7 +407,6 @@ def test_int8_ptq_fused_export_ranks_like_f32(with_library, tmp_path):
     """
     from anomalib.deploy import CompressionType
 
-    from ..helpers import make_tasks
     from .test_export import SIZE, assert_ranks_like_f32, tiny_test_images, trained_tiny_model
 
     tasks_root = make_tasks(tmp_path / "tasks", names=("alpha", "beta"), sizes=(SIZE,), n_test=6)
@@ -424,13 +424,11 @@ def test_int8_ptq_fused_export_ranks_like_f32(with_library, tmp_path):
     assert_ranks_like_f32("pdd (fused scan)", model, int8, images)
 
     # The line runner reads the fused IR (adds the extension) and scores the files like the compiled IR.
-    from ..examples.test_line_inspection import _runner
-
     folder = tmp_path / "line"
     folder.mkdir()
     for file in files:
         shutil.copy(file, folder / f"{file.parent.name}_{file.name}")
-    summary = _runner().run(xml, folder, tmp_path / "line_out")
+    summary = load_script(LINE_INSPECTION).run(xml, folder, tmp_path / "line_out")
     assert summary.inspected == len(files) and not summary.unreadable
     with (tmp_path / "line_out" / "verdicts.csv").open() as handle:
         by_name = {Path(row["source"]).name: float(row["score"]) for row in csv.DictReader(handle)}

@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
 
-from ..helpers import f32_openvino_inferencer
+from ..helpers import LINE_INSPECTION, f32_openvino_inferencer, load_script
 
-ROOT = Path(__file__).resolve().parents[2]
 SIZE = 32
-
-
-def _runner() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("line_inspection", ROOT / "examples" / "line_inspection.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["line_inspection"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +45,7 @@ def folder(tmp_path: Path) -> Path:
 def test_folder_with_a_corrupt_file_matches_openvino_inferencer(
     tiny_ir: Path, folder: Path, tmp_path: Path
 ) -> None:
-    runner = _runner()
+    runner = load_script(LINE_INSPECTION)
     out = tmp_path / "out"
     summary = runner.run(tiny_ir, folder, out, overlays=True)
 
@@ -87,7 +75,7 @@ def test_folder_with_a_corrupt_file_matches_openvino_inferencer(
 def test_other_sizes_are_resized_to_the_ir_input(tiny_ir: Path, tmp_path: Path) -> None:
     from PIL import Image
 
-    runner = _runner()
+    runner = load_script(LINE_INSPECTION)
     images = tmp_path / "big"
     images.mkdir()
     Image.fromarray((np.random.default_rng(1).random((2 * SIZE, 2 * SIZE, 3)) * 255).astype(np.uint8)).save(
@@ -99,6 +87,6 @@ def test_other_sizes_are_resized_to_the_ir_input(tiny_ir: Path, tmp_path: Path) 
 
 
 def test_missing_source_is_a_clear_error(tiny_ir: Path, tmp_path: Path) -> None:
-    runner = _runner()
+    runner = load_script(LINE_INSPECTION)
     with pytest.raises(FileNotFoundError, match="neither a folder of images nor a video"):
         runner.run(tiny_ir, tmp_path / "nowhere", tmp_path / "out")

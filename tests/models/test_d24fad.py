@@ -18,7 +18,7 @@ import torch
 from anomalib_kd.data.fewshot import FewShotTasks
 from anomalib_kd.models.d24fad import D24FAD, D24FADLoss, D24FADModel, LearnToWeight
 
-from ..helpers import make_tasks
+from ..helpers import LINE_INSPECTION, load_script, make_tasks
 
 SMALL = "resnet18"  # small teacher/decoder pair for fast tests (the default is WRN50-2)
 
@@ -480,14 +480,7 @@ def test_swapped_support_file_equals_reexport(trained: dict, root: Path, tmp_pat
     assert len(printed["pred_score"]) == 1 and np.isfinite(printed["pred_score"][0])
 
     # the line runner takes the same support file: its verdict equals run_swappable on its own input
-    import importlib.util
-    import sys
-
-    script = Path(__file__).resolve().parents[2] / "examples" / "line_inspection.py"
-    spec = importlib.util.spec_from_file_location("line_inspection", script)
-    line = importlib.util.module_from_spec(spec)
-    sys.modules["line_inspection"] = line
-    spec.loader.exec_module(line)
+    line = load_script(LINE_INSPECTION)
     folder = tmp_path / "station"
     folder.mkdir()
     shutil.copy(query, folder / "000.png")
